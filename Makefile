@@ -1,0 +1,35 @@
+# The README's commands. Each one creates (or reuses) .venv, installs torch 2.13.0 (the CPU build) first, then
+# this package with its test extras, so a fresh machine needs nothing else.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_DIR ?= demo-output
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test lint demo profile-tiny clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) tests
+
+lint: install
+	$(PY) -m ruff check diffusers_lowmem tests benchmarks
+	$(PY) -m ruff format --check diffusers_lowmem tests benchmarks
+
+demo: install
+	bash examples/demo.sh $(DEMO_DIR)
+
+profile-tiny: install
+	$(PY) -m diffusers_lowmem.profile --task text-to-image --architecture tiny-sd --adapters lora,loha,lokr,locon \
+		--quant none,8bit,nf4 --steps 3 --output_dir benchmarks/results/cpu-tiny-sd
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) *.egg-info .pytest_cache
