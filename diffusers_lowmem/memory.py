@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
+import sys
+import weakref
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+try:
+    import resource
+except ImportError:  # Windows: no ru_maxrss; the peak RSS is then the largest sample.
+    resource = None
 
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 def _quant_state_tensors(quant_state) -> Iterator[torch.Tensor]:
@@ -74,3 +89,680 @@ def count_bytes(tensors: Iterable[torch.Tensor], seen: set | None = None) -> int
 def stored_bytes(module: nn.Module) -> int:
     """Bytes of all parameters and buffers of `module` as stored (quantized weights at their packed size)."""
     return count_bytes(list(module.parameters()) + list(module.buffers()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Breakdown by role: frozen weights, trainable parameters, gradients, optimizer state.
+# --------------------------------------------------------------------------------------------------------------------
+
+BREAKDOWN_FIELDS = ("frozen_weights", "trainable_params", "gradients", "optimizer_state", "activations_peak")
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes of a training setup by role, counted from the tensors themselves (exact and device-independent).
+
+    Attributes:
+        frozen_weights: Parameters with `requires_grad=False` plus all buffers; quantized weights at their stored size,
+            quantization state included.
+        trainable_params: Parameters with `requires_grad=True`.
+        gradients: The `.grad` tensors of the parameters that hold one at the time of counting.
+        optimizer_state: Every tensor in the optimizer's `state` (moments, step counters, 8-bit quantization maps).
+        activations_peak: Peak allocated device memory minus the static bytes resident on that device, where the
+            device measures a peak (CUDA); `None` elsewhere.
+    """
+
+    frozen_weights: int
+    trainable_params: int
+    gradients: int
+    optimizer_state: int
+    activations_peak: int | None = None
+
+    @property
+    def static_total(self) -> int:
+        """Bytes of everything but activations: frozen weights, trainable parameters, gradients and optimizer state."""
+        return self.frozen_weights + self.trainable_params + self.gradients + self.optimizer_state
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict, in declaration order."""
+        return asdict(self)
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    # DDP and DataParallel keep the model in `.module`, torch.compile in `._orig_mod`: count the model itself so
+    # the same model passed wrapped and unwrapped is one model.
+    for _ in range(8):
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
+def _unwrap_optimizer(optimizer):
+    # accelerate's AcceleratedOptimizer (itself a torch Optimizer) keeps the real one, and its state, in `.optimizer`.
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or not hasattr(inner, "state"):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _as_module_list(models: Iterable[nn.Module] | nn.Module | None) -> list[nn.Module]:
+    if models is None:
+        return []
+    if isinstance(models, nn.Module):
+        models = [models]
+    return [_unwrap_model(model) for model in models if model is not None]
+
+
+def _unique_parameters(models: list[nn.Module]) -> list[nn.Parameter]:
+    """Parameters of all `models`, each once even when models share modules."""
+    unique = {}
+    for model in models:
+        for parameter in model.parameters():
+            unique.setdefault(id(parameter), parameter)
+    return list(unique.values())
+
+
+def _unique_buffers(models: list[nn.Module]) -> list[torch.Tensor]:
+    unique = {}
+    for model in models:
+        for buffer in model.buffers():
+            unique.setdefault(id(buffer), buffer)
+    return list(unique.values())
+
+
+def _nested_tensors(value) -> Iterator[torch.Tensor]:
+    """Yields the tensors in a nested structure of dicts, lists and tuples (an optimizer's per-parameter state)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _nested_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _nested_tensors(item)
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    """Every tensor in the state of `optimizer` (unwrapped from accelerate's `AcceleratedOptimizer`).
+
+    Args:
+        optimizer: A torch or bitsandbytes optimizer, possibly wrapped; `None` gives no tensors.
+
+    Returns:
+        The tensors, as stored: bitsandbytes 8-bit optimizers contribute `state1`/`state2`, `absmax*` and the `qmap*`
+        maps they share between parameters (`count_bytes` counts a shared storage once).
+    """
+    if optimizer is None:
+        return []
+    return list(_nested_tensors(dict(_unwrap_optimizer(optimizer).state)))
+
+
+def _logical_numel(parameter: torch.Tensor) -> int:
+    # A packed 4-bit weight stores two values a byte: its quant_state keeps the shape of the original matrix.
+    shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else parameter.numel()
+
+
+def _on_device(tensors: Iterable[torch.Tensor], device_type: str) -> Iterator[torch.Tensor]:
+    """The stored tensors of `tensors` (quantization state included) that live on a device of `device_type`."""
+    for tensor in tensors:
+        for stored in stored_tensors(tensor):
+            if stored.device.type == device_type:
+                yield stored
+
+
+@dataclass
+class _StaticCount:
+    """What `MemoryTracker.watch` counts once: the parameters and buffers, which change only when models change."""
+
+    frozen_weights: int
+    trainable_params: int
+    total_params: int
+    trainable_param_count: int
+    # Storage keys of the counted parameters and buffers, so gradients and optimizer state never count them again.
+    seen: set
+    # The same, restricted to the tracked device, for the activation estimate.
+    bytes_on_device: int
+    seen_on_device: set
+
+
+def _count_static(models: list[nn.Module], device_type: str | None) -> tuple[_StaticCount, list[nn.Parameter]]:
+    parameters = _unique_parameters(models)
+    frozen = [parameter for parameter in parameters if not parameter.requires_grad] + _unique_buffers(models)
+    trainable = [parameter for parameter in parameters if parameter.requires_grad]
+    seen: set = set()
+    frozen_bytes = count_bytes(frozen, seen)
+    trainable_bytes = count_bytes(trainable, seen)
+    seen_on_device: set = set()
+    bytes_on_device = 0
+    if device_type is not None:
+        bytes_on_device = count_bytes(_on_device(frozen + trainable, device_type), seen_on_device)
+    static = _StaticCount(
+        frozen_weights=frozen_bytes,
+        trainable_params=trainable_bytes,
+        total_params=sum(_logical_numel(parameter) for parameter in parameters),
+        trainable_param_count=sum(_logical_numel(parameter) for parameter in trainable),
+        seen=seen,
+        bytes_on_device=bytes_on_device,
+        seen_on_device=seen_on_device,
+    )
+    return static, parameters
+
+
+def _count_dynamic(
+    static: _StaticCount, parameters: Iterable[nn.Parameter], optimizer, device_type: str | None
+) -> tuple[int, int, int]:
+    """Bytes of gradients and optimizer state, and the static + dynamic bytes resident on `device_type`."""
+    gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    state = optimizer_state_tensors(optimizer)
+    # Copies, so counting again at the next milestone starts from the parameters alone.
+    seen = set(static.seen)
+    gradient_bytes = count_bytes(gradients, seen)
+    state_bytes = count_bytes(state, seen)
+    bytes_on_device = static.bytes_on_device
+    if device_type is not None:
+        bytes_on_device += count_bytes(_on_device(gradients + state, device_type), set(static.seen_on_device))
+    return gradient_bytes, state_bytes, bytes_on_device
+
+
+def memory_breakdown(models: Iterable[nn.Module] | nn.Module, optimizer=None) -> MemoryBreakdown:
+    """Bytes of `models` and `optimizer` by role, exact and from the objects themselves.
+
+    Each storage is counted once, also when several models share modules or a model is passed wrapped in DDP.
+    Quantized bitsandbytes weights count at their stored size plus their quantization state. Gradients count only
+    while they exist: between `backward()` and `optimizer.zero_grad()` (which sets them to `None`).
+
+    Args:
+        models: Models (or one model), plain, DDP-wrapped or compiled.
+        optimizer: A torch or bitsandbytes optimizer, possibly accelerate-wrapped, or `None`.
+
+    Returns:
+        The breakdown; `activations_peak` is `None` (it needs a device measurement: see `MemoryTracker`).
+    """
+    static, parameters = _count_static(_as_module_list(models), device_type=None)
+    gradient_bytes, state_bytes, _ = _count_dynamic(static, parameters, optimizer, device_type=None)
+    return MemoryBreakdown(
+        frozen_weights=static.frozen_weights,
+        trainable_params=static.trainable_params,
+        gradients=gradient_bytes,
+        optimizer_state=state_bytes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Device statistics.
+# --------------------------------------------------------------------------------------------------------------------
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# Per pid: a file or `psutil.Process` opened before a fork (data-loader workers) would report the parent.
+_STATM_FILES: dict[int, int | None] = {}
+_PROCESSES: dict[int, psutil.Process] = {}
+
+
+def _statm_file() -> int | None:
+    """A descriptor of this process's `/proc/<pid>/statm`, opened once; `None` where there is no such file."""
+    pid = os.getpid()
+    if pid not in _STATM_FILES:
+        try:
+            _STATM_FILES[pid] = os.open(f"/proc/{pid}/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            _STATM_FILES[pid] = None
+    return _STATM_FILES[pid]
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now."""
+    statm = _statm_file()
+    if statm is not None:
+        # Re-reading an open statm costs ~3 µs; `psutil.Process().memory_info()` opens the file each time (~40 µs),
+        # which is most of a logged step on CPU. The second field is the resident size in pages.
+        return int(os.pread(statm, 128, 0).split()[1]) * _PAGE_SIZE
+    pid = os.getpid()
+    if pid not in _PROCESSES:
+        _PROCESSES[pid] = psutil.Process(pid)
+    return _PROCESSES[pid].memory_info().rss
+
+
+def _peak_rss_bytes() -> int | None:
+    """Lifetime peak resident set size of this process, where the OS keeps one."""
+    if resource is None:
+        return None
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return max_rss if sys.platform == "darwin" else max_rss * 1024
+
+
+def host_memory() -> dict:
+    """Resident set size of this process now and at its peak, in bytes.
+
+    Returns:
+        `{"rss": int, "peak_rss": int}`; the peak is the OS's lifetime maximum (`ru_maxrss`), or the current value
+        where the OS keeps none.
+    """
+    rss = _rss_bytes()
+    peak_rss = _peak_rss_bytes()
+    return {"rss": rss, "peak_rss": max(rss, peak_rss or 0)}
+
+
+def _cuda_memory(device: torch.device) -> dict:
+    # One read of the allocator's statistics: `memory_allocated`, `memory_reserved` and `max_memory_allocated` each
+    # go through `memory_stats`, which also flattens and sorts every statistic in Python; the nested dict skips that.
+    stats = torch.cuda.memory_stats_as_nested_dict(device)
+    if not stats:  # CUDA not initialised yet: nothing allocated
+        return dict.fromkeys(("allocated", "reserved", "active", "peak_allocated", "peak_reserved"), 0)
+    allocated, reserved = stats["allocated_bytes"]["all"], stats["reserved_bytes"]["all"]
+    return {
+        "allocated": allocated["current"],
+        "reserved": reserved["current"],
+        "active": stats["active_bytes"]["all"]["current"],
+        "peak_allocated": allocated["peak"],
+        "peak_reserved": reserved["peak"],
+    }
+
+
+def device_memory(device: torch.device | str) -> dict:
+    """Memory statistics of `device` and of this process, in bytes.
+
+    Args:
+        device: The training device.
+
+    Returns:
+        On CUDA: `allocated`, `reserved`, `active`, `peak_allocated`, `peak_reserved` (peaks since the last
+        `torch.cuda.reset_peak_memory_stats`), plus `rss` and `peak_rss` of the process. Elsewhere `rss` and
+        `peak_rss` only.
+    """
+    device = torch.device(device)
+    stats = _cuda_memory(device) if device.type == "cuda" else {}
+    stats.update(host_memory())
+    return stats
+
+
+def _reset_peak(device: torch.device) -> None:
+    # Before CUDA is initialised there is no peak to reset (and resetting would initialise it).
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _torch_tensorboard_file_writer(tracker):
+    """The event file writer of an accelerate TensorBoard tracker built on torch's `SummaryWriter`, else `None`."""
+    if getattr(tracker, "name", None) != "tensorboard":
+        return None
+    writer = getattr(tracker, "writer", None)
+    if type(writer).__module__ != "torch.utils.tensorboard.writer":
+        return None
+    # `None` once the writer is closed: the caller then goes through `tracker.log`, which reopens it.
+    return getattr(writer, "file_writer", None)
+
+
+def _scalars_summary(values: dict):
+    """One TensorBoard `Summary` holding every `tag: value` of `values` as a scalar."""
+    # Imported here: only runs with a TensorBoard tracker need it, and those have imported it already.
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    value = Summary.Value
+    return Summary(value=[value(tag=tag, simple_value=scalar) for tag, scalar in values.items()])
+
+
+def _gib(num_bytes: int) -> float:
+    return num_bytes / GIB
+
+
+def _max_or_none(*values: int | None) -> int | None:
+    present = [value for value in values if value is not None]
+    return max(present) if present else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The tracker both trainers use.
+# --------------------------------------------------------------------------------------------------------------------
+
+MILESTONE_FIELDS = ("allocated", "reserved", "active", "rss")
+# Which statistics raise each of the run's peaks.
+_PEAK_SOURCES = (
+    ("allocated", ("allocated", "peak_allocated")),
+    ("reserved", ("reserved", "peak_reserved")),
+    ("rss", ("rss", "peak_rss")),
+)
+STEP_FIELDS = ("allocated", "reserved", "peak_allocated", "rss", "peak_rss")
+_STEP_TAGS = {field: f"memory/step/{field}_gib" for field in STEP_FIELDS}
+
+
+REPORT_JSON = "memory_report.json"
+REPORT_MARKDOWN = "memory_report.md"
+
+
+def _format_bytes(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "n/a"
+    return f"{num_bytes / GIB:.3f} GiB ({num_bytes / MIB:.1f} MiB)"
+
+
+def _size_columns(num_bytes: int | None) -> tuple[str, str, str]:
+    # Exact bytes too: adapters and their optimizer state are often well under a MiB.
+    if num_bytes is None:
+        return ("n/a", "n/a", "n/a")
+    return (f"{num_bytes / GIB:.3f}", f"{num_bytes / MIB:.1f}", f"{num_bytes:,}")
+
+
+def _markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    """A `MemoryTracker.report()` as markdown tables: milestones and peak, breakdown, parameter counts.
+
+    Args:
+        report: The dict `MemoryTracker.report` returns.
+
+    Returns:
+        The tables, sizes in GiB and MiB.
+    """
+    memory_rows = [
+        (name, *(_format_bytes(values[field]) for field in ("allocated", "reserved", "rss")))
+        for name, values in report["milestones"].items()
+    ]
+    memory_rows.append(
+        ("**peak**", *(_format_bytes(report["peak"][field]) for field in ("allocated", "reserved", "rss")))
+    )
+    breakdown = report["breakdown"]
+    static_total = sum(breakdown[field] for field in BREAKDOWN_FIELDS[:4])
+    breakdown_rows = [(field, *_size_columns(breakdown[field])) for field in BREAKDOWN_FIELDS]
+    breakdown_rows.append(("**static total**", *_size_columns(static_total)))
+    total, trainable = report["params"]["total"], report["params"]["trainable"]
+    share = f" ({100 * trainable / total:.3f}%)" if total else ""
+    params_rows = [("total", f"{total:,}"), ("trainable", f"{trainable:,}{share}")]
+    return "\n\n".join(
+        [
+            f"Device `{report['device']}`, {report['steps_logged']} steps logged.",
+            _markdown_table(("milestone", "allocated", "reserved", "rss"), memory_rows),
+            _markdown_table(("breakdown", "GiB", "MiB", "bytes"), breakdown_rows),
+            _markdown_table(("parameters", "count"), params_rows),
+        ]
+    )
+
+
+class MemoryTracker:
+    """Records memory at named milestones and every few steps, logs it to the accelerate trackers, writes a report.
+
+    Per-step logging reads device statistics and the process RSS only; the breakdown, which walks all parameters,
+    is counted at `watch` (parameters and buffers) and at milestones (gradients and optimizer state).
+
+    With several processes (`accelerator.num_processes > 1`) every logged number is the maximum over ranks, taken
+    with one small `accelerator.reduce(..., "max")` per milestone or logged step: only the main process has
+    trackers, and the rank closest to running out of memory is the one to watch. `milestone` and `log_step` are
+    then collective and must be called on every rank at the same step; `report`, `summary_table` and
+    `write_report` are not, and only the main process writes report files.
+
+    On CUDA, `log_step` resets the allocator's peak statistics (`torch.cuda.reset_peak_memory_stats`) after each
+    read, so that each logged peak covers its own interval; the tracker keeps the run's peak itself.
+
+    Args:
+        device: The training device (`accelerator.device`).
+        accelerator: The `accelerate.Accelerator` whose trackers receive the values, or `None` to only record.
+        output_dir: Default folder of `write_report`.
+        log_every: Log device statistics every this many steps; below 1 turns step logging off.
+        models: Models the breakdown counts (see `watch`).
+        optimizer: Optimizer the breakdown counts (see `watch`).
+    """
+
+    def __init__(self, device, accelerator=None, output_dir=None, log_every: int = 1, models=(), optimizer=None):
+        self.device = torch.device(device)
+        self.accelerator = accelerator
+        # Read once: fixed for the run, and accelerate's properties cost a few µs each on the per-step path.
+        self._num_processes = accelerator.num_processes if accelerator is not None else 1
+        self._is_main_process = accelerator is None or accelerator.is_main_process
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.log_every = log_every
+        self.milestones: dict[str, dict] = {}
+        self.steps_logged = 0
+        self._peak = {"allocated": None, "reserved": None, "rss": 0}
+        self._last_breakdown: MemoryBreakdown | None = None
+        # Milestones taken before `accelerator.init_trackers` (model load, adapter): logged once trackers exist.
+        self._pending_logs: list[tuple[dict, int]] = []
+        # Weak references: a tracker that kept a deleted model or optimizer alive would leak the memory it reports.
+        self._models: list[weakref.ref] = []
+        self._parameters: list[weakref.ref] = []
+        self._optimizer: weakref.ref | None = None
+        self._static: _StaticCount | None = None
+        self._bytes_on_device = 0
+        # The allocator's peak then covers this run, not what the process did before.
+        _reset_peak(self.device)
+        self.watch(models=models, optimizer=optimizer)
+
+    @property
+    def _measures_device(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def _counted_device_type(self) -> str | None:
+        # Bytes resident on the device are only needed for the activation estimate, which needs a measured peak.
+        return self.device.type if self._measures_device else None
+
+    def watch(self, models=None, optimizer=None) -> None:
+        """Sets what the breakdown counts, and counts the parameters and buffers (once, here).
+
+        Call it again whenever the models change: after loading, after attaching an adapter, with the optimizer
+        after `accelerator.prepare`. Only weak references are kept, so a model the script deletes is freed.
+
+        Args:
+            models: Models to count (plain, DDP-wrapped or compiled); `None` keeps the current ones.
+            optimizer: Optimizer to count (possibly accelerate-wrapped); `None` keeps the current one.
+        """
+        if models is not None:
+            self._models = [weakref.ref(model) for model in _as_module_list(models)]
+        if optimizer is not None:
+            self._optimizer = weakref.ref(optimizer)
+        live_models = [model for model in (reference() for reference in self._models) if model is not None]
+        self._static, parameters = _count_static(live_models, self._counted_device_type)
+        self._parameters = [weakref.ref(parameter) for parameter in parameters]
+        self._bytes_on_device = self._static.bytes_on_device
+        self._last_breakdown = None
+
+    def breakdown(self) -> MemoryBreakdown:
+        """Counts the breakdown now: parameters and buffers as of the last `watch`, gradients and optimizer state now.
+
+        Returns:
+            The breakdown of this process; `activations_peak` from the peak allocated so far, on CUDA only.
+        """
+        parameters = [
+            parameter for parameter in (reference() for reference in self._parameters) if parameter is not None
+        ]
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        gradient_bytes, state_bytes, self._bytes_on_device = _count_dynamic(
+            self._static, parameters, optimizer, self._counted_device_type
+        )
+        return MemoryBreakdown(
+            frozen_weights=self._static.frozen_weights,
+            trainable_params=self._static.trainable_params,
+            gradients=gradient_bytes,
+            optimizer_state=state_bytes,
+            activations_peak=self._activations_peak(),
+        )
+
+    def _activations_peak(self) -> int | None:
+        if not self._measures_device:
+            return None
+        self._update_peak(device_memory(self.device))
+        return max(0, self._peak["allocated"] - self._bytes_on_device)
+
+    def _update_peak(self, stats: dict) -> None:
+        """Raises the run's peaks to the current and peak values in `stats` (fields missing or `None` are skipped)."""
+        for peak_field, fields in _PEAK_SOURCES:
+            for field in fields:
+                value = stats.get(field)
+                if value is not None and (self._peak[peak_field] is None or value > self._peak[peak_field]):
+                    self._peak[peak_field] = value
+
+    def _max_over_ranks(self, values: dict) -> dict:
+        """`values` (bytes or `None`) reduced to their maximum over processes; unchanged with one process."""
+        if self._num_processes <= 1:
+            return values
+        # -1 stands for "not measured": every rank has the same device type, so all ranks agree on which are.
+        encoded = torch.tensor(
+            [-1 if value is None else value for value in values.values()], dtype=torch.int64, device=self.device
+        )
+        reduced = self.accelerator.reduce(encoded, reduction="max").tolist()
+        return {key: (None if value < 0 else value) for key, value in zip(values, reduced)}
+
+    def _log(self, values: dict, step: int, keep_until_trackers: bool = False) -> None:
+        """Logs `values` through `accelerator.log` (main process only; kept for later if no tracker exists yet)."""
+        if self.accelerator is None or not self._is_main_process:
+            return
+        if not self.accelerator.trackers:
+            if keep_until_trackers:
+                self._pending_logs.append((values, step))
+            return
+        self._log_pending()
+        self.accelerator.log(values, step=step)
+
+    def _log_pending(self) -> None:
+        for pending_values, pending_step in self._pending_logs:
+            self.accelerator.log(pending_values, step=pending_step)
+        self._pending_logs.clear()
+
+    def _log_step_values(self, values: dict, step: int) -> None:
+        """Logs per-step `values` to every tracker; to TensorBoard as one event, without forcing a file flush.
+
+        Through `accelerator.log`, accelerate's TensorBoard tracker writes one event per value and flushes the file,
+        which waits for the writer thread (pure-Python CRCs per event): that was most of a logged step's cost. One
+        event with all values goes to the same writer instead; the file is flushed by the trainer's next
+        `accelerator.log` (the loss, every step), every `flush_secs`, and at `end_training`. Other trackers, and
+        a TensorBoard tracker that is not torch's `SummaryWriter`, get their own `log`.
+        """
+        if self.accelerator is None or not self._is_main_process:
+            return
+        if self._pending_logs and self.accelerator.trackers:
+            self._log_pending()
+        for tracker in self.accelerator.trackers:
+            file_writer = _torch_tensorboard_file_writer(tracker)
+            if file_writer is not None:
+                file_writer.add_summary(_scalars_summary(values), global_step=step)
+            else:
+                tracker.log(values, step=step)
+
+    def milestone(self, name: str, step: int = 0) -> dict:
+        """Records device memory, RSS and the breakdown at a named point of the run, and logs them.
+
+        Tags: `memory/{name}/allocated_gib`, `memory/{name}/reserved_gib`, `memory/{name}/active_gib` (CUDA only),
+        `memory/{name}/rss_gib`, and `memory/breakdown/{frozen_weights,trainable_params,gradients,optimizer_state}_gib`
+        plus `memory/breakdown/activations_peak_gib` (CUDA only). A milestone taken before
+        `accelerator.init_trackers` is logged as soon as trackers exist.
+
+        Gradients count only while they exist: take a milestone between `backward()` and `optimizer.zero_grad()` to
+        see them.
+
+        Args:
+            name: The milestone, e.g. `"after_model_load"`, `"after_adapter"`, `"after_first_step"`.
+            step: The step the values are logged at.
+
+        Returns:
+            The values logged, by tag, in GiB.
+        """
+        stats = device_memory(self.device)
+        self._update_peak(stats)
+        measured = {field: stats.get(field) for field in MILESTONE_FIELDS}
+        breakdown = self.breakdown()
+        measured.update({f"breakdown/{field}": value for field, value in breakdown.to_dict().items()})
+        measured = self._max_over_ranks(measured)
+        self._update_peak(measured)
+        self.milestones[name] = {field: measured[field] for field in ("allocated", "reserved", "rss")}
+        self._last_breakdown = MemoryBreakdown(**{field: measured[f"breakdown/{field}"] for field in BREAKDOWN_FIELDS})
+        values = {
+            f"memory/{key}_gib" if key.startswith("breakdown/") else f"memory/{name}/{key}_gib": _gib(value)
+            for key, value in measured.items()
+            if value is not None
+        }
+        self._log(values, step, keep_until_trackers=True)
+        logger.info(
+            f"Memory at {name}: "
+            + ", ".join(f"{key} {_format_bytes(value)}" for key, value in measured.items() if value is not None)
+        )
+        return values
+
+    def log_step(self, step: int) -> dict | None:
+        """Logs device memory and RSS every `log_every` steps; cheap: no walk over parameters.
+
+        Tags: `memory/step/allocated_gib`, `memory/step/reserved_gib`, `memory/step/peak_allocated_gib` (CUDA only;
+        the peak over the interval since the previous logged step, whose statistics are then reset), and
+        `memory/step/rss_gib`, `memory/step/peak_rss_gib` (the process's lifetime peak).
+
+        Args:
+            step: The global step.
+
+        Returns:
+            The values logged, by tag, in GiB, or `None` on a step that is not logged.
+        """
+        if self.log_every < 1 or step % self.log_every:
+            return None
+        stats = device_memory(self.device)
+        _reset_peak(self.device)
+        self._update_peak(stats)
+        if self._num_processes > 1:
+            stats = self._max_over_ranks({field: stats.get(field) for field in STEP_FIELDS})
+            self._update_peak(stats)
+        values = {_STEP_TAGS[field]: stats[field] / GIB for field in STEP_FIELDS if stats.get(field) is not None}
+        self._log_step_values(values, step)
+        self.steps_logged += 1
+        return values
+
+    def report(self) -> dict:
+        """The run's memory as a JSON-ready dict, bytes as ints.
+
+        Returns:
+            `{"device", "milestones": {name: {"allocated", "reserved", "rss"}}, "peak": {"allocated", "reserved",
+            "rss"}, "breakdown": {MemoryBreakdown fields}, "params": {"total", "trainable"}, "steps_logged"}`;
+            `allocated` and `reserved` are `None` off CUDA. The breakdown is the last milestone's, or counted now if
+            `watch` was called since; its `activations_peak` covers the whole run (on CUDA; `None` elsewhere).
+        """
+        self._update_peak(device_memory(self.device))
+        breakdown = (self._last_breakdown or self.breakdown()).to_dict()
+        if self._measures_device:
+            # The milestone's estimate used the peak up to then; the run's peak may have come later.
+            breakdown["activations_peak"] = _max_or_none(breakdown["activations_peak"], self._activations_peak())
+        return {
+            "device": str(self.device),
+            "milestones": {name: dict(values) for name, values in self.milestones.items()},
+            "peak": dict(self._peak),
+            "breakdown": breakdown,
+            "params": {"total": self._static.total_params, "trainable": self._static.trainable_param_count},
+            "steps_logged": self.steps_logged,
+        }
+
+    def summary_table(self) -> str:
+        """The report as markdown tables (sizes in GiB and MiB), for printing at the end of a run."""
+        return report_markdown(self.report())
+
+    def write_report(self, output_dir=None, extra: dict | None = None) -> tuple[Path, Path]:
+        """Writes `memory_report.json` and `memory_report.md` (main process only; other processes write nothing).
+
+        Args:
+            output_dir: Folder to write to; defaults to the tracker's `output_dir`.
+            extra: More JSON-ready top-level entries for the JSON report (e.g. the quantization summary); they may
+                not replace the report's own keys.
+
+        Returns:
+            The paths of the JSON and the markdown report.
+        """
+        directory = Path(output_dir) if output_dir is not None else self.output_dir
+        if directory is None:
+            raise ValueError("write_report needs an output_dir: pass one here or to MemoryTracker")
+        json_path, markdown_path = directory / REPORT_JSON, directory / REPORT_MARKDOWN
+        if not self._is_main_process:
+            return json_path, markdown_path
+        report = self.report()
+        clashing = set(extra or {}) & set(report)
+        if clashing:
+            raise ValueError(f"extra entries would replace the report's own keys: {sorted(clashing)}")
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({**report, **(extra or {})}, indent=2) + "\n")
+        markdown_path.write_text("# Memory report\n\n" + report_markdown(report) + "\n")
+        logger.info(f"Wrote the memory report to {json_path} and {markdown_path}")
+        return json_path, markdown_path
