@@ -1,0 +1,597 @@
+"""LyCORIS adapters (LoRA, LoHa, LoKr, LoCon) on any torch module tree: attach, save, load, merge.
+
+One API for the four algorithms of `lycoris-lora`, for the UNet and text encoder(s) of a diffusers pipeline and for
+the linear layers of a causal LM:
+
+    config = AdapterConfig(algo="lokr", rank=8)
+    network = attach_adapter(unet, config, role="unet")  # fresh adapters leave the outputs unchanged
+    ...  # train network.parameters()
+    save_adapter("pytorch_lora_weights.safetensors", {"unet": network}, config)
+    load_adapter(pipeline, "pytorch_lora_weights.safetensors")  # also for LoHa/LoKr, which diffusers cannot load
+
+Which layers get adapters is a per-model-family `TargetPreset` (see `PRESETS`); adding a family means adding one
+entry there. Module names follow the kohya convention (`lora_unet_...`, `lora_te_text_model_...`,
+`lora_te1_`/`lora_te2_` for SDXL), so the saved files load in ComfyUI, A1111 and, for lora and locon, in diffusers'
+`load_lora_weights`.
+
+The LyCORIS modules are built one per target layer from LyCORIS' own module classes; nothing relies on the
+class-level presets of `LycorisNetwork`, so wrapping several models in one process cannot leak settings between them.
+On bitsandbytes layers the modules run in bypass mode (`W x + delta(x)`, the frozen weight is never rebuilt), which
+LyCORIS does not select by itself for `Linear4bit`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusers_lowmem.quantization import has_quantized_layers, is_quantized_module, matches_any
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_ALGOS = ("lora", "loha", "lokr", "locon")
+# Algorithms that also adapt the convolutions of ResNet/down/up blocks (LyCORIS' convention: only `lora` is
+# linear-only).
+CONV_ALGOS = ("locon", "loha", "lokr")
+ROLES = ("unet", "text_encoder", "text_encoder_2", "llm")
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LYCORIS_WEIGHT_NAME = "lycoris_weights.safetensors"
+# Name of the child module that holds an attached network inside its base model, so that `.to()`, DDP, autocast
+# and accelerate's hooks reach the adapter through the model it belongs to.
+ADAPTER_MODULE_NAME = "lycoris_adapter"
+# Key prefixes of the community (kohya/LyCORIS) format.
+ROLE_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2", "llm": "lycoris"}
+SDXL_ROLE_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+METADATA_PREFIX = "diffusers_lowmem."
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What to train: the algorithm and its sizes.
+
+    Args:
+        algo: One of `ADAPTER_ALGOS`.
+        rank: Rank (LyCORIS "dim") of linear layers.
+        alpha: Scale numerator: the update is multiplied by `alpha / rank`. `None` means `rank` (scale 1).
+        conv_rank: Rank for convolutions (locon, loha, lokr). `None` means `rank`.
+        conv_alpha: Alpha for convolutions. `None` means `conv_rank`.
+        dropout: Dropout on the adapter path.
+        lokr_factor: LoKr Kronecker factor; -1 picks the most balanced factorisation.
+        target_modules: Module-name patterns (see `quantization.matches_any`) that narrow the preset's targets.
+    """
+
+    algo: str = "lora"
+    rank: int = 4
+    alpha: float | None = None
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    dropout: float = 0.0
+    lokr_factor: int = -1
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.algo not in ADAPTER_ALGOS:
+            raise ValueError(f"Unknown adapter {self.algo!r}; choose one of {', '.join(ADAPTER_ALGOS)}.")
+        if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 1):
+            raise ValueError(f"Adapter ranks must be >= 1, got rank={self.rank}, conv_rank={self.conv_rank}.")
+
+    @property
+    def linear_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def conv_dim(self) -> int:
+        return self.rank if self.conv_rank is None else self.conv_rank
+
+    @property
+    def conv_scale_alpha(self) -> float:
+        return float(self.conv_dim if self.conv_alpha is None else self.conv_alpha)
+
+    @property
+    def adapts_convolutions(self) -> bool:
+        return self.algo in CONV_ALGOS
+
+    def to_metadata(self) -> dict[str, str]:
+        """The config as safetensors metadata (strings only)."""
+        return {METADATA_PREFIX + key: json.dumps(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> AdapterConfig | None:
+        """The config stored by `to_metadata`, or None when the file was not written by us."""
+        values = {}
+        for field in fields(cls):
+            key = METADATA_PREFIX + field.name
+            if key in metadata:
+                values[field.name] = json.loads(metadata[key])
+        if "algo" not in values:
+            return None
+        if values.get("target_modules") is not None:
+            values["target_modules"] = tuple(values["target_modules"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TargetPreset:
+    """Which layers of a model family get adapters.
+
+    Args:
+        linear_parents: Class names of blocks whose `nn.Linear` (and 1x1 convolution) descendants get adapters.
+            Empty: every linear layer of the model, except `exclude` and the output embedding.
+        conv_parents: Class names of blocks whose linear and convolution descendants get adapters with the
+            algorithms in `CONV_ALGOS`.
+        exclude: Module-name patterns never adapted.
+    """
+
+    linear_parents: tuple[str, ...] = ()
+    conv_parents: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+PRESETS = {
+    # Attention and feed-forward layers of the transformer blocks (kohya's LoRA targets); LoCon adds the ResNet
+    # blocks and resamplers.
+    "unet": TargetPreset(
+        linear_parents=("Transformer2DModel",), conv_parents=("ResnetBlock2D", "Downsample2D", "Upsample2D")
+    ),
+    "text_encoder": TargetPreset(linear_parents=("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")),
+    # Causal LMs: all attention and MLP linear layers (Llama, Mistral, Qwen2, Gemma, OPT, GPT-2 after
+    # `quantization.conv1d_to_linear_`); never the embeddings or the LM head.
+    "llm": TargetPreset(exclude=("lm_head", "embed_out", "score", "*embed_tokens*", "*wte*", "*wpe*")),
+}
+PRESETS["text_encoder_2"] = PRESETS["text_encoder"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attach
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d))
+
+
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    return _is_conv(module) and all(size == 1 for size in module.kernel_size)
+
+
+def _descendants_of(model: nn.Module, class_names: Iterable[str]) -> set[str]:
+    class_names = set(class_names)
+    names = set()
+    for parent_name, parent in model.named_modules():
+        if type(parent).__name__ in class_names:
+            for child_name, _ in parent.named_modules():
+                if child_name:
+                    names.add(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return names
+
+
+def find_target_modules(model: nn.Module, role: str, config: AdapterConfig) -> dict[str, nn.Module]:
+    """The layers of `model` that get adapters, by module name, in model order.
+
+    Args:
+        model: The model (UNet, text encoder or causal LM).
+        role: One of `ROLES`; selects the `TargetPreset`.
+        config: The adapter config; `lora` adapts linear layers only, the others convolutions too, and
+            `target_modules` narrows the selection.
+
+    Returns:
+        `{module name: module}`.
+
+    Raises:
+        ValueError: If nothing matches (for instance a `target_modules` pattern that names no layer).
+    """
+    preset = PRESETS[role]
+    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear_names = _descendants_of(model, preset.linear_parents) if preset.linear_parents else None
+    conv_names = _descendants_of(model, preset.conv_parents) if config.adapts_convolutions else set()
+    targets = {}
+    for name, module in model.named_modules():
+        if not (_is_linear(module) or _is_conv(module)) or module is output_embedding:
+            continue
+        if matches_any(name, preset.exclude) or name.startswith(ADAPTER_MODULE_NAME):
+            continue
+        linear_like = _is_linear(module) or _is_pointwise_conv(module)
+        in_linear_scope = linear_names is None or name in linear_names
+        if (linear_like and in_linear_scope) or name in conv_names:
+            targets[name] = module
+    if config.target_modules:
+        targets = {name: module for name, module in targets.items() if matches_any(name, config.target_modules)}
+    if not targets:
+        raise ValueError(
+            f"No layer of the {role} ({type(model).__name__}) matches the adapter targets"
+            + (f" {list(config.target_modules)}" if config.target_modules else "")
+            + ". Check --target_modules against the model's module names."
+        )
+    return targets
+
+
+def role_prefix(model: nn.Module, role: str, sdxl: bool = False) -> str:
+    """The kohya key prefix of `role`, with the `text_model` level that community files expect.
+
+    transformers 5's `CLIPTextModel` has no `text_model` level (its layers are `encoder.layers...`), while
+    ComfyUI, A1111 and kohya read `lora_te_text_model_encoder_layers_...`; the level is added to the prefix here.
+    """
+    prefix = (SDXL_ROLE_PREFIXES if sdxl else ROLE_PREFIXES)[role]
+    if role.startswith("text_encoder") and not hasattr(model, "text_model"):
+        prefix += "_text_model"
+    return prefix
+
+
+def lora_name(prefix: str, module_name: str) -> str:
+    """kohya's module key: the prefix and the module's dotted name, joined with underscores."""
+    return f"{prefix}_{module_name}".replace(".", "_")
+
+
+def _create_module(lycoris_name: str, module: nn.Module, config: AdapterConfig, bypass_mode: bool | None):
+    from lycoris.modules import LoConModule, LohaModule, LokrModule
+
+    module_class = {"lora": LoConModule, "locon": LoConModule, "loha": LohaModule, "lokr": LokrModule}[config.algo]
+    is_spatial_conv = _is_conv(module) and not _is_pointwise_conv(module)
+    rank, alpha = (config.conv_dim, config.conv_scale_alpha) if is_spatial_conv else (config.rank, config.linear_alpha)
+    extra = {"factor": config.lokr_factor} if config.algo == "lokr" else {}
+    if bypass_mode is None and is_quantized_module(module):
+        bypass_mode = True
+    return module_class(
+        lycoris_name,
+        module,
+        multiplier=1.0,
+        lora_dim=rank,
+        alpha=alpha,
+        dropout=config.dropout,
+        bypass_mode=bypass_mode if bypass_mode is not None else False,
+        **extra,
+    )
+
+
+def _new_network(model: nn.Module, lycoris_modules: list) -> nn.Module:
+    from lycoris import LycorisNetwork
+
+    network = LycorisNetwork(model, init_only=True)
+    network.loras = list(lycoris_modules)
+    for module in network.loras:
+        network.algo_table[type(module).__name__] = network.algo_table.get(type(module).__name__, 0) + 1
+    return network
+
+
+def _register(model: nn.Module, network: nn.Module) -> None:
+    if hasattr(model, ADAPTER_MODULE_NAME):
+        raise ValueError(
+            f"{type(model).__name__} already has an adapter attached; detach it first with `detach_adapter`."
+        )
+    network.apply_to()
+    model.add_module(ADAPTER_MODULE_NAME, network)
+
+
+def attach_adapter(
+    model: nn.Module, config: AdapterConfig, role: str, bypass_mode: bool | None = None, sdxl: bool = False
+) -> nn.Module:
+    """Wraps the target layers of `model` with fresh LyCORIS modules and returns the network holding them.
+
+    The network becomes the child `ADAPTER_MODULE_NAME` of `model`; its parameters are the only trainable ones
+    (`model` itself is frozen here). Fresh adapters leave the model's outputs unchanged.
+
+    Args:
+        model: UNet, text encoder or causal LM, possibly quantized by `quantization.quantize_model`.
+        config: Algorithm and sizes.
+        role: One of `ROLES` (key prefix and target preset).
+        bypass_mode: Compute `W x + delta(x)` instead of rebuilding `W + delta`. `None`: on quantized layers only.
+        sdxl: Use SDXL's `lora_te1_` prefix for the first text encoder.
+
+    Returns:
+        The LyCORIS network (an `nn.Module`), already applied.
+    """
+    if role not in ROLES:
+        raise ValueError(f"Unknown adapter role {role!r}; one of {', '.join(ROLES)}.")
+    if config.algo == "locon" and not any(_is_conv(m) and not _is_pointwise_conv(m) for m in model.modules()):
+        logger.info(f"locon on {type(model).__name__}, which has no convolutions, is lora.")
+    if bypass_mode is None and has_quantized_layers(model):
+        logger.info(f"{type(model).__name__} is quantized: adapters on its quantized layers run in bypass mode.")
+    model.requires_grad_(False)
+    prefix = role_prefix(model, role, sdxl)
+    targets = find_target_modules(model, role, config)
+    lycoris_modules = [
+        _create_module(lora_name(prefix, name), module, config, bypass_mode) for name, module in targets.items()
+    ]
+    network = _new_network(model, lycoris_modules)
+    device = next(iter(targets.values())).weight.device
+    network.to(device=device if device.type != "meta" else "cpu", dtype=torch.float32)
+    _register(model, network)
+    network.requires_grad_(True)
+    logger.info(f"Attached {config.algo} to {len(lycoris_modules)} layers of the {role} ({_count(network):,} params).")
+    return network
+
+
+def detach_adapter(model: nn.Module) -> nn.Module | None:
+    """Restores the original forwards of `model` and removes its adapter network (returned)."""
+    network = getattr(model, ADAPTER_MODULE_NAME, None)
+    if network is None:
+        return None
+    network.restore()
+    delattr(model, ADAPTER_MODULE_NAME)
+    return network
+
+
+def _count(network: nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def adapter_state_dict(networks: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """All networks' weights under their kohya/LyCORIS keys, as contiguous CPU tensors."""
+    state = {}
+    for network in networks.values():
+        for key, value in network.state_dict().items():
+            if key in state:
+                raise ValueError(f"Duplicate adapter key {key}: two networks share a prefix.")
+            state[key] = value.detach().to("cpu").contiguous()
+    return state
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("diffusers_lowmem", "lycoris-lora", "torch", "diffusers", "transformers", "bitsandbytes"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def adapter_metadata(networks: Mapping[str, nn.Module], config: AdapterConfig, extra: Mapping | None = None):
+    """safetensors metadata: our config, roles, package versions, and kohya's `ss_*` keys that UIs display."""
+    network_args = {"algo": config.algo, "conv_dim": config.conv_dim, "conv_alpha": config.conv_scale_alpha}
+    if config.algo == "lokr":
+        network_args["factor"] = config.lokr_factor
+    metadata = {
+        **config.to_metadata(),
+        METADATA_PREFIX + "roles": json.dumps(sorted(networks)),
+        METADATA_PREFIX + "versions": json.dumps(_package_versions()),
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.linear_alpha),
+        "ss_network_args": json.dumps(network_args),
+    }
+    for key, value in (extra or {}).items():
+        metadata[METADATA_PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
+    return metadata
+
+
+def save_adapter(
+    path: str | os.PathLike,
+    networks: Mapping[str, nn.Module],
+    config: AdapterConfig,
+    metadata: Mapping | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Writes the networks' weights to one `.safetensors` file with kohya/LyCORIS keys and metadata.
+
+    Args:
+        path: The file to write; a directory gets `DIFFUSERS_WEIGHT_NAME` in it.
+        networks: `{role: network}` as returned by `attach_adapter`.
+        config: The config the networks were built with (stored as metadata).
+        metadata: Extra metadata (e.g. `base_model`), stored under `diffusers_lowmem.`.
+        dtype: Cast the weights (e.g. `torch.float16` for smaller files); default: as trained.
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / DIFFUSERS_WEIGHT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(networks)
+    if dtype is not None:
+        state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(state, str(temporary), metadata=adapter_metadata(networks, config, metadata))
+    os.replace(temporary, path)  # a reader never sees a half-written file
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_weight_file(path: str | os.PathLike) -> Path:
+    """The adapter file at `path`, or in the directory `path` (diffusers' name first, then LyCORIS')."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in (DIFFUSERS_WEIGHT_NAME, LYCORIS_WEIGHT_NAME):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(
+        f"No adapter weights at {path} (expected {DIFFUSERS_WEIGHT_NAME} or {LYCORIS_WEIGHT_NAME})."
+    )
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The weights and metadata of a saved adapter file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = resolve_weight_file(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    return load_file(str(path)), metadata
+
+
+def _models_by_role(target) -> dict[str, nn.Module]:
+    """The adaptable models of a pipeline, or a bare model under its role."""
+    if isinstance(target, nn.Module):
+        class_name = type(target).__name__
+        if "UNet" in class_name or "Transformer2D" in class_name:
+            return {"unet": target}
+        if class_name.startswith("CLIPText"):
+            return {"text_encoder": target}
+        return {"llm": target}
+    models = {}
+    for role in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(target, role, None)
+        if model is not None:
+            models[role] = model
+    if not models:
+        raise TypeError(f"Cannot load an adapter into {type(target).__name__}: not a pipeline or a torch model.")
+    return models
+
+
+def _candidate_prefixes(model: nn.Module, role: str) -> list[str]:
+    prefixes = [role_prefix(model, role), role_prefix(model, role, sdxl=True)] if role != "llm" else []
+    if role == "llm":
+        prefixes.append(ROLE_PREFIXES["llm"])
+    return list(dict.fromkeys(prefixes))
+
+
+def networks_from_weights(target, weights: Mapping[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """Builds LyCORIS modules for every layer of `target` that `weights` has keys for (any of the four algorithms,
+    ranks and factors read from the tensors) and loads the weights into them. Not yet applied.
+
+    Raises:
+        ValueError: If keys in `weights` match no layer of `target`.
+    """
+    from lycoris.modules import get_module, make_module
+
+    stored_names = {key.split(".", 1)[0] for key in weights}
+    matched, networks = set(), {}
+    for role, model in _models_by_role(target).items():
+        lycoris_modules = []
+        for prefix in _candidate_prefixes(model, role):
+            for name, module in model.named_modules():
+                key_name = lora_name(prefix, name)
+                if key_name not in stored_names or key_name in matched or not (_is_linear(module) or _is_conv(module)):
+                    continue
+                module_class, params = get_module(weights, key_name)
+                lycoris_module = make_module(module_class, params, key_name, module)
+                if lycoris_module is None:
+                    raise ValueError(f"LyCORIS cannot rebuild the adapter {key_name} from its weights.")
+                if is_quantized_module(module):
+                    lycoris_module.bypass_mode = True
+                matched.add(key_name)
+                lycoris_modules.append(lycoris_module)
+        if lycoris_modules:
+            device = next(iter(p for p in model.parameters())).device
+            networks[role] = _new_network(model, lycoris_modules).to(device)
+    unmatched = stored_names - matched
+    if unmatched:
+        raise ValueError(
+            f"{len(unmatched)} adapter modules match no layer of {type(target).__name__}, e.g. {sorted(unmatched)[:3]}."
+            " Was the adapter trained on a different model?"
+        )
+    return networks
+
+
+def load_adapter(target, path: str | os.PathLike, merge: bool = False, multiplier: float = 1.0) -> dict:
+    """Loads a saved adapter (any of the four algorithms) into a diffusers pipeline or a model.
+
+    diffusers' `load_lora_weights` reads kohya LoRA and LoCon but not LoHa or LoKr; this reads all four, and also
+    files trained elsewhere in the kohya/LyCORIS format.
+
+    Args:
+        target: A pipeline (its `unet`, `text_encoder`, `text_encoder_2` get their adapters) or a model (UNet,
+            CLIP text encoder, or causal LM).
+        path: The `.safetensors` file, or a directory holding `pytorch_lora_weights.safetensors` or
+            `lycoris_weights.safetensors`.
+        merge: Add the update into the base weights (no adapter cost at inference; not possible on quantized
+            layers). Otherwise the adapters stay attached as child modules.
+        multiplier: Strength of the adapter.
+
+    Returns:
+        `{role: network}`; after a merge the networks are detached and only describe what was merged.
+    """
+    weights, _ = read_adapter(path)
+    networks = networks_from_weights(target, weights)
+    models = _models_by_role(target)
+    for role, network in networks.items():
+        network.set_multiplier(multiplier)
+        model = models[role]
+        if merge:
+            if has_quantized_layers(model):
+                raise ValueError(f"Cannot merge an adapter into the quantized {role}; load it with merge=False.")
+            dtype = next(iter(p for p in model.parameters())).dtype
+            network.to(dtype=dtype)
+            network.merge_to(multiplier)
+        else:
+            _register(model, network)
+    logger.info(f"Loaded adapter {resolve_weight_file(path)} into {', '.join(networks)}" + (" (merged)" * merge))
+    return networks
+
+
+def load_adapter_weights(networks: Mapping[str, nn.Module], path: str | os.PathLike) -> None:
+    """Loads saved weights into networks already attached with the same config (used to resume training).
+
+    Raises:
+        ValueError: If the file's keys differ from the networks' (another config or model).
+    """
+    weights, _ = read_adapter(path)
+    expected = {key for network in networks.values() for key in network.state_dict()}
+    if set(weights) != expected:
+        difference = sorted(set(weights) ^ expected)[:3]
+        raise ValueError(f"Adapter file {path} does not match the attached adapters (e.g. {difference}).")
+    for network in networks.values():
+        network.load_state_dict({key: weights[key] for key in network.state_dict()}, strict=True)
+
+
+def merge_adapter(model: nn.Module, multiplier: float = 1.0) -> None:
+    """Merges the adapter attached to `model` into its (unquantized) weights and detaches it."""
+    network = getattr(model, ADAPTER_MODULE_NAME, None)
+    if network is None:
+        raise ValueError(f"{type(model).__name__} has no adapter attached.")
+    if has_quantized_layers(model):
+        raise ValueError("Cannot merge an adapter into quantized layers.")
+    weight_dtype = next(p for n, p in model.named_parameters() if not n.startswith(ADAPTER_MODULE_NAME)).dtype
+    detach_adapter(model)
+    network.to(dtype=weight_dtype)
+    network.merge_to(multiplier)
+
+
+def trainable_parameter_count(config: AdapterConfig, module: nn.Module) -> int:
+    """Trainable parameters that `config` adds to one layer, from the algorithm's formula.
+
+    lora/locon: `r (in + out)` for linear layers, `r (in k_h k_w + out)` for convolutions; loha: twice that;
+    lokr: the Kronecker factors (`w1` full, `w2` full or low rank) of LyCORIS' factorisation.
+    """
+    from lycoris.functional import factorization
+
+    spatial = _is_conv(module) and not _is_pointwise_conv(module)
+    rank = config.conv_dim if spatial else config.rank
+    if _is_linear(module):
+        in_features, out_features, kernel = module.in_features, module.out_features, 1
+    else:
+        in_features, out_features = module.in_channels, module.out_channels
+        kernel = int(torch.tensor(module.kernel_size).prod())
+    if config.algo in ("lora", "locon"):
+        return rank * (in_features * kernel + out_features)
+    if config.algo == "loha":
+        return 2 * rank * (in_features * kernel + out_features)
+    in_m, in_n = factorization(in_features, config.lokr_factor)
+    out_l, out_k = factorization(out_features, config.lokr_factor)
+    w1 = out_l * in_m
+    if spatial:
+        full_w2 = out_k * in_n * kernel
+        low_rank_w2 = rank * (out_k + in_n * kernel)
+        use_full = rank >= max(out_k, in_n) / 2
+    else:
+        full_w2 = out_k * in_n
+        low_rank_w2 = rank * (out_k + in_n)
+        use_full = rank >= max(out_k, in_n) / 2
+    return w1 + (full_w2 if use_full else low_rank_w2)
