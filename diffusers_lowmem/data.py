@@ -1,0 +1,648 @@
+"""Datasets of both trainers: image-caption pairs for text-to-image, grouped token blocks for causal language models.
+
+The image side mirrors the preprocessing of diffusers' `train_text_to_image_lora.py` (and the size and crop
+conditioning of `train_text_to_image_lora_sdxl.py`) with PIL and torch only: torchvision's `Resize`, `CenterCrop`,
+`RandomCrop`, `RandomHorizontalFlip`, `ToTensor` and `Normalize` are re-implemented here with the same arithmetic and
+the same draws from the global torch RNG, so a seed gives the crops and flips the upstream script would give.
+
+The text side mirrors transformers' `run_clm_no_trainer.py`: load, tokenize, concatenate, cut into blocks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import random
+from collections.abc import Sequence
+from itertools import chain
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from transformers import default_data_collator
+
+# A component, not a recipe: it must also work where no `Accelerator` exists (accelerate's logger raises there).
+logger = logging.getLogger(__name__)
+
+# The lower-case names of torchvision's `InterpolationMode`, as upstream's `--image_interpolation_mode` choices,
+# mapped to the PIL filter torchvision itself applies to PIL images.
+IMAGE_INTERPOLATION_MODES = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,
+}
+
+TEXT_FILE_LOADERS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json"}
+
+# How many corrupt image names one warning lists before it only counts.
+_MAX_NAMED_CORRUPT_IMAGES = 20
+
+# --------------------------------------------------------------------------------------------------------------------
+# Image-caption data.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    names = ("dataset_dict.json", "state.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in names)
+
+
+def _train_split(loaded, source: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if "train" not in loaded:
+        raise ValueError(f"{source} has no 'train' split; its splits are: {', '.join(loaded.keys())}")
+    return loaded["train"]
+
+
+def _check_column(flag: str, column: str, column_names: Sequence[str]) -> None:
+    if column not in column_names:
+        raise ValueError(f"--{flag}' value '{column}' needs to be one of: {', '.join(column_names)}")
+
+
+def load_image_caption_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+) -> datasets.Dataset:
+    """Loads the train split of an image-caption dataset, as upstream's `train_text_to_image_lora.py` does.
+
+    Args:
+        dataset_name: A hub dataset name, a local dataset path `load_dataset` understands, or a folder written by
+            `save_to_disk`. Takes precedence over `train_data_dir`, which is then passed to `load_dataset` as
+            `data_dir`.
+        dataset_config_name: The dataset's configuration, if it has several.
+        train_data_dir: A folder of images with a `metadata.jsonl` (or `.csv`) of captions, loaded as `imagefolder`.
+        cache_dir: Where `datasets` caches downloads and Arrow files.
+        image_column: Column holding the images.
+        caption_column: Column holding the captions (strings, or lists of strings to pick from).
+
+    Returns:
+        The train split.
+
+    Raises:
+        ValueError: Neither source is given, there is no train split, or a column is missing; the message lists the
+            columns there are.
+    """
+    if dataset_name is not None:
+        if _is_saved_dataset(str(dataset_name)):
+            loaded = datasets.load_from_disk(str(dataset_name))
+        else:
+            loaded = datasets.load_dataset(
+                str(dataset_name), dataset_config_name, cache_dir=cache_dir, data_dir=train_data_dir
+            )
+        dataset = _train_split(loaded, dataset_name)
+    elif train_data_dir is not None:
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(train_data_dir), cache_dir=cache_dir)
+        dataset = _train_split(loaded, train_data_dir)
+    else:
+        raise ValueError("Give a dataset: --dataset_name (hub name or local path) or --train_data_dir (image folder).")
+
+    _check_column("image_column", image_column, dataset.column_names)
+    _check_column("caption_column", caption_column, dataset.column_names)
+    return dataset
+
+
+def interpolation_from_name(name: str) -> Image.Resampling:
+    """The PIL resampling filter torchvision uses for an `InterpolationMode` name.
+
+    Args:
+        name: One of `IMAGE_INTERPOLATION_MODES` (case-insensitive), e.g. "lanczos".
+
+    Returns:
+        A `PIL.Image.Resampling` member.
+
+    Raises:
+        ValueError: Unknown name; the message lists the known ones.
+    """
+    try:
+        return IMAGE_INTERPOLATION_MODES[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"Unknown image interpolation mode '{name}'; choose one of: {', '.join(IMAGE_INTERPOLATION_MODES)}"
+        ) from None
+
+
+def _resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    # torchvision's `Resize(int)`: the shorter side becomes `resolution`, the longer one is scaled and truncated.
+    short_side, long_side = (width, height) if width <= height else (height, width)
+    new_short, new_long = resolution, int(resolution * long_side / short_side)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _pil_to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    # torchvision's `ToTensor` then `Normalize([0.5], [0.5])`, in the same operations so the floats match.
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    return pixels.to(dtype=torch.float32).div(255).sub_(0.5).div_(0.5)
+
+
+class ImagePreprocessor:
+    """Upstream's training transforms on a PIL image: resize, center or random crop, random flip, to [-1, 1].
+
+    Random choices come from the global torch RNG only, drawn as torchvision draws them (`RandomCrop`: two
+    `torch.randint` unless the image already has the target size; `RandomHorizontalFlip`: one `torch.rand`), so
+    seeding torch before a call reproduces it.
+
+    Args:
+        resolution: Side of the square output in pixels.
+        center_crop: Crop the middle instead of a random square.
+        random_flip: Mirror left-right with probability 0.5.
+        interpolation: Resampling filter of the resize, a torchvision `InterpolationMode` name in lower case
+            (`IMAGE_INTERPOLATION_MODES`).
+    """
+
+    def __init__(
+        self, resolution: int, center_crop: bool = False, random_flip: bool = False, interpolation: str = "lanczos"
+    ):
+        if resolution <= 0:
+            raise ValueError(f"The resolution must be a positive number of pixels, got {resolution}.")
+        self.resolution = int(resolution)
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.interpolation = interpolation_from_name(interpolation)
+
+    def _crop_top_left(self, height: int, width: int) -> tuple[int, int]:
+        size = self.resolution
+        if self.center_crop:
+            return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+        if height == size and width == size:
+            return 0, 0
+        top = torch.randint(0, height - size + 1, size=(1,)).item()
+        left = torch.randint(0, width - size + 1, size=(1,)).item()
+        return top, left
+
+    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """Transforms one image and reports the size and crop conditioning Stable Diffusion XL trains with.
+
+        Args:
+            image: Any PIL image; converted to RGB.
+
+        Returns:
+            `(pixel_values, original_size, crop_top_left)`: a float32 tensor of shape (3, resolution, resolution) in
+            [-1, 1]; the input's `(height, width)`; the `(top, left)` of the crop in the resized image. When the
+            image is flipped, `left` is measured in the flipped image (resized width - left - resolution), as in
+            upstream's SDXL script, which flips before it crops.
+        """
+        original_size = (image.height, image.width)
+        image = image.convert("RGB")
+        height, width = _resized_size(image.height, image.width, self.resolution)
+        if (height, width) != (image.height, image.width):
+            image = image.resize((width, height), resample=self.interpolation)
+        top, left = self._crop_top_left(height, width)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and torch.rand(1).item() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = width - left - self.resolution
+        return _pil_to_normalized_tensor(image), original_size, (top, left)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Transforms one image.
+
+        Args:
+            image: Any PIL image; converted to RGB.
+
+        Returns:
+            A float32 tensor of shape (3, resolution, resolution) in [-1, 1].
+        """
+        return self.preprocess(image)[0]
+
+
+def choose_caption(caption, is_train: bool = True, caption_column: str = "text") -> str:
+    """Picks the caption to train on, as upstream: a string as is, one of several at random when training.
+
+    Args:
+        caption: A string, or a list or array of strings.
+        is_train: Pick with `random.choice` (Python's global RNG); otherwise take the first.
+        caption_column: Name of the column, for the error message.
+
+    Returns:
+        One caption.
+
+    Raises:
+        ValueError: The caption is neither a string nor a list or array.
+    """
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, np.ndarray)):
+        return random.choice(caption) if is_train else caption[0]
+    raise ValueError(
+        f"Caption column `{caption_column}` should contain either strings or lists of strings, "
+        f"got {type(caption).__name__}."
+    )
+
+
+def tokenize_captions(captions: Sequence, tokenizer, is_train: bool = True, caption_column: str = "text"):
+    """Tokenizes captions to the tokenizer's full length, as upstream's `tokenize_captions`.
+
+    Args:
+        captions: Strings, or lists of strings of which one is picked (`choose_caption`).
+        tokenizer: A `transformers` tokenizer; its `model_max_length` is the length of every row.
+        is_train: Pick among several captions at random; otherwise the first.
+        caption_column: Name of the column, for the error message.
+
+    Returns:
+        A LongTensor of shape (len(captions), tokenizer.model_max_length).
+
+    Raises:
+        ValueError: A caption is neither a string nor a list or array of strings.
+    """
+    chosen = [choose_caption(caption, is_train, caption_column) for caption in captions]
+    inputs = tokenizer(
+        chosen, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    )
+    return inputs.input_ids
+
+
+def _decode_image(value, mode: str | None = None) -> Image.Image:
+    """Opens an image stored as a PIL image, a `{"bytes", "path"}` dict, raw bytes or a path, fully loaded."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        value = {"bytes": bytes(value), "path": None}
+    elif isinstance(value, (str, os.PathLike)):
+        value = {"bytes": None, "path": os.fspath(value)}
+    elif not isinstance(value, dict):
+        raise TypeError(f"Cannot read an image from a {type(value).__name__}.")
+    # `datasets` decodes as below (PIL open, load, EXIF orientation), for local paths, hub paths and bytes alike.
+    return datasets.Image(mode=mode).decode_example(value)
+
+
+def _image_name(index: int, value) -> str:
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f"{index} ({path})" if path else str(index)
+
+
+def _readable_image_rows(dataset: datasets.Dataset, image_column: str, mode: str | None) -> tuple[list[int], list]:
+    """Decodes every image once: the indices that decode, and the names of those that do not."""
+    readable, corrupt = [], []
+    index = 0
+    for batch in dataset.select_columns([image_column]).iter(batch_size=64):
+        for value in batch[image_column]:
+            try:
+                _decode_image(value, mode)
+                readable.append(index)
+            except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) on bad bytes
+                corrupt.append(_image_name(index, value))
+            index += 1
+    return readable, corrupt
+
+
+def drop_unreadable_images(dataset: datasets.Dataset, image_column: str = "image") -> datasets.Dataset:
+    """Removes the rows whose image cannot be decoded, with one warning naming them.
+
+    Every image is decoded once, so this costs a pass over the images: seconds for thousands of small images, which
+    is what LoRA fine-tuning sets usually hold, and worth it against a crash mid-epoch.
+
+    Args:
+        dataset: The dataset; an `Image` column is read undecoded (bytes or path) and decoded here.
+        image_column: Column holding the images.
+
+    Returns:
+        The dataset without the unreadable rows (the same object when all are readable).
+
+    Raises:
+        ValueError: No image is readable.
+    """
+    feature = dataset.features[image_column]
+    mode = feature.mode if isinstance(feature, datasets.Image) else None
+    undecoded = dataset
+    if isinstance(feature, datasets.Image) and feature.decode:
+        undecoded = dataset.cast_column(image_column, datasets.Image(mode=mode, decode=False))
+    readable, corrupt = _readable_image_rows(undecoded, image_column, mode)
+    named = ", ".join(corrupt[:_MAX_NAMED_CORRUPT_IMAGES])
+    if len(corrupt) > _MAX_NAMED_CORRUPT_IMAGES:
+        named += f", ... ({len(corrupt) - _MAX_NAMED_CORRUPT_IMAGES} more)"
+    if not readable:
+        raise ValueError(
+            f"There are no readable images in column '{image_column}' of the dataset: all {len(dataset)} failed to "
+            f"decode (rows {named}). Check the files, or --image_column."
+        )
+    if not corrupt:
+        return dataset
+    logger.warning(
+        "Dropping %d of %d rows whose image in column '%s' cannot be read: rows %s.",
+        len(corrupt),
+        len(dataset),
+        image_column,
+        named,
+    )
+    return dataset.select(readable)
+
+
+class TextToImageDataset(torch.utils.data.Dataset):
+    """Image-caption rows preprocessed on every fetch, so crops, flips and caption choices change each epoch.
+
+    Use `make_text_to_image_dataset` to build one. Items are dicts with `pixel_values` (3, R, R) float32,
+    `input_ids` (and `input_ids_2`, ... for further tokenizers) of shape (model_max_length,), `original_size` and
+    `crop_top_left` (tuples of 2 ints).
+
+    Args:
+        dataset: Rows with the image column undecoded (or images of any form `_decode_image` reads) and captions.
+        tokenizers: One tokenizer per text encoder; all tokenize the same chosen caption.
+        preprocessor: The image transforms.
+        image_column: Column holding the images.
+        caption_column: Column holding the captions.
+        image_mode: PIL mode images are converted to on decoding (the `Image` feature's), or None.
+    """
+
+    def __init__(self, dataset, tokenizers, preprocessor, image_column, caption_column, image_mode=None):
+        self.dataset = dataset
+        self.tokenizers = list(tokenizers)
+        self.preprocessor = preprocessor
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.image_mode = image_mode
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[int(index)]
+        image = _decode_image(row[self.image_column], self.image_mode)
+        pixel_values, original_size, crop_top_left = self.preprocessor.preprocess(image)
+        caption = choose_caption(row[self.caption_column], is_train=True, caption_column=self.caption_column)
+        item = {"pixel_values": pixel_values, "original_size": original_size, "crop_top_left": crop_top_left}
+        for position, tokenizer in enumerate(self.tokenizers):
+            key = "input_ids" if position == 0 else f"input_ids_{position + 1}"
+            item[key] = tokenize_captions([caption], tokenizer, caption_column=self.caption_column)[0]
+        return item
+
+
+def make_text_to_image_dataset(
+    raw_dataset: datasets.Dataset,
+    tokenizers,
+    preprocessor: ImagePreprocessor,
+    image_column: str = "image",
+    caption_column: str = "text",
+    max_train_samples: int | None = None,
+    seed: int | None = None,
+) -> TextToImageDataset:
+    """The training dataset of the text-to-image trainer: upstream's `preprocess_train`, applied per fetch.
+
+    Rows whose image cannot be decoded are dropped first, with one warning (`drop_unreadable_images`; it decodes
+    every image once, which suits the small datasets LoRA trains on).
+
+    Args:
+        raw_dataset: The train split, e.g. from `load_image_caption_dataset`.
+        tokenizers: The tokenizer, or a list of one per text encoder (two for SDXL: items get `input_ids_2`).
+        preprocessor: The image transforms.
+        image_column: Column holding the images.
+        caption_column: Column holding the captions.
+        max_train_samples: Keep this many rows, chosen as upstream: `shuffle(seed=seed).select(range(n))`
+            (at most all rows). Unreadable images are dropped after this choice.
+        seed: Seed of that shuffle.
+
+    Returns:
+        A `torch.utils.data.Dataset` of dicts (see `TextToImageDataset`); batch them with `collate_text_to_image`.
+
+    Raises:
+        ValueError: No image is readable.
+    """
+    _check_column("image_column", image_column, raw_dataset.column_names)
+    _check_column("caption_column", caption_column, raw_dataset.column_names)
+    if not isinstance(tokenizers, (list, tuple)):
+        tokenizers = [tokenizers]
+    if max_train_samples is not None:
+        count = min(max_train_samples, len(raw_dataset))
+        raw_dataset = raw_dataset.shuffle(seed=seed).select(range(count))
+    dataset = raw_dataset.select_columns([image_column, caption_column])
+    feature = dataset.features[image_column]
+    image_mode = None
+    if isinstance(feature, datasets.Image):
+        # Rows are fetched undecoded and decoded by `_decode_image`, the same path that checks them once here.
+        image_mode = feature.mode
+        dataset = dataset.cast_column(image_column, datasets.Image(mode=image_mode, decode=False))
+    dataset = drop_unreadable_images(dataset, image_column)
+    return TextToImageDataset(dataset, tokenizers, preprocessor, image_column, caption_column, image_mode)
+
+
+def collate_text_to_image(examples: Sequence[dict]) -> dict:
+    """Batches items of `TextToImageDataset`.
+
+    Args:
+        examples: Items with `pixel_values` and `input_ids`; optionally `input_ids_2`, ..., `original_size` and
+            `crop_top_left`.
+
+    Returns:
+        A dict of `pixel_values` (N, 3, R, R) contiguous float32, `input_ids` (N, L) (and `input_ids_2`, ...) and,
+        when the items have them, `original_sizes` and `crop_top_lefts` as LongTensors of shape (N, 2).
+    """
+    pixel_values = torch.stack([example["pixel_values"] for example in examples])
+    batch = {"pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float()}
+    for key in examples[0]:
+        if key.startswith("input_ids"):
+            batch[key] = torch.stack([example[key] for example in examples])
+    for key, batch_key in (("original_size", "original_sizes"), ("crop_top_left", "crop_top_lefts")):
+        if key in examples[0]:
+            batch[batch_key] = torch.tensor([tuple(example[key]) for example in examples], dtype=torch.long)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Causal language modelling data.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _text_loader(train_file: str | None, validation_file: str | None) -> tuple[str, dict]:
+    # As upstream, the last file given decides the loader.
+    extension = str(validation_file or train_file).rsplit(".", 1)[-1].lower()
+    if extension not in TEXT_FILE_LOADERS:
+        raise ValueError(
+            f"Cannot load '{validation_file or train_file}': the data files must end in "
+            f"{', '.join('.' + name for name in TEXT_FILE_LOADERS)}."
+        )
+    data_files = {}
+    if train_file is not None:
+        data_files["train"] = str(train_file)
+    if validation_file is not None:
+        data_files["validation"] = str(validation_file)
+    return TEXT_FILE_LOADERS[extension], data_files
+
+
+def _remote_code_kwargs(trust_remote_code: bool) -> dict:
+    # `datasets` 4 dropped dataset scripts and the argument with them.
+    if "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters:
+        return {"trust_remote_code": trust_remote_code}
+    if trust_remote_code:
+        logger.warning("datasets %s runs no dataset scripts; trust_remote_code is ignored.", datasets.__version__)
+    return {}
+
+
+def load_text_datasets(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    validation_split_percentage: int = 5,
+    cache_dir: str | None = None,
+    keep_linebreaks: bool = True,
+    trust_remote_code: bool = False,
+) -> datasets.DatasetDict:
+    """Loads the raw text of causal language modelling, as upstream's `run_clm_no_trainer.py`.
+
+    Without a validation split, the first `validation_split_percentage` percent of train becomes validation and
+    train keeps the rest (`train[:p%]` / `train[p%:]`).
+
+    Args:
+        dataset_name: A hub dataset name or a local dataset path. Takes precedence over the files.
+        dataset_config_name: The dataset's configuration, if it has several.
+        train_file: A `.txt` (one row per line), `.csv` or `.json` / `.jsonl` file.
+        validation_file: A file of the same kind.
+        validation_split_percentage: Percent of train held out when there is no validation split.
+        cache_dir: Where `datasets` caches downloads and Arrow files.
+        keep_linebreaks: For `.txt` files, keep each line's trailing newline in its text.
+        trust_remote_code: Allow dataset scripts, where the installed `datasets` still runs them.
+
+    Returns:
+        A `DatasetDict` with `train` and `validation`.
+
+    Raises:
+        ValueError: No source, or a file of an unknown kind.
+    """
+    if dataset_name is not None:
+        path, name, load_kwargs = dataset_name, dataset_config_name, _remote_code_kwargs(trust_remote_code)
+    elif train_file is not None or validation_file is not None:
+        path, data_files = _text_loader(train_file, validation_file)
+        name, load_kwargs = None, {"data_files": data_files}
+        if path == "text":
+            load_kwargs["keep_linebreaks"] = keep_linebreaks
+    else:
+        raise ValueError("Give a dataset: --dataset_name, or --train_file and/or --validation_file (txt, csv, json).")
+
+    raw_datasets = datasets.load_dataset(path, name, cache_dir=cache_dir, **load_kwargs)
+    if "validation" not in raw_datasets:
+        percent = validation_split_percentage
+        raw_datasets["validation"] = datasets.load_dataset(
+            path, name, split=f"train[:{percent}%]", cache_dir=cache_dir, **load_kwargs
+        )
+        raw_datasets["train"] = datasets.load_dataset(
+            path, name, split=f"train[{percent}%:]", cache_dir=cache_dir, **load_kwargs
+        )
+    return raw_datasets
+
+
+def text_column_name(dataset) -> str:
+    """The column holding the text: `text` if there is one, else the first column, as upstream.
+
+    Args:
+        dataset: A `Dataset` (or anything with `column_names` as a list).
+
+    Returns:
+        The column name.
+    """
+    column_names = dataset.column_names
+    return "text" if "text" in column_names else column_names[0]
+
+
+def resolve_block_size(tokenizer, block_size: int | None = None, max_position_embeddings: int | None = None) -> int:
+    """The length of the training blocks, as upstream.
+
+    Args:
+        tokenizer: The tokenizer; its `model_max_length` bounds the block.
+        block_size: The requested length; None for min(1024, model_max_length).
+        max_position_embeddings: The model's number of positions; when given, the default block is no longer.
+
+    Returns:
+        The block size.
+    """
+    model_max_length = tokenizer.model_max_length
+    if block_size is None:
+        block_size = min(1024, model_max_length)
+        if max_position_embeddings is not None and block_size > max_position_embeddings:
+            logger.warning(
+                "The tokenizer allows %d tokens but the model has %d positions; using block_size=%d. "
+                "Pass --block_size to change it.",
+                model_max_length,
+                max_position_embeddings,
+                max_position_embeddings,
+            )
+            block_size = max_position_embeddings
+        return block_size
+    if block_size > model_max_length:
+        logger.warning(
+            "The block_size passed (%d) is larger than the maximum length for the model (%d). Using block_size=%d.",
+            block_size,
+            model_max_length,
+            model_max_length,
+        )
+    return min(block_size, model_max_length)
+
+
+def group_texts(examples: dict, block_size: int) -> dict:
+    """Concatenates a batch of tokenized rows and cuts it into blocks, dropping the remainder; labels = input_ids.
+
+    Args:
+        examples: Columns of token lists (a batch of `Dataset.map(batched=True)`).
+        block_size: Tokens per block.
+
+    Returns:
+        The same columns as lists of blocks, plus `labels`, a copy of `input_ids`.
+    """
+    concatenated = {key: list(chain(*examples[key])) for key in examples}
+    total_length = len(concatenated[next(iter(examples))])
+    total_length = (total_length // block_size) * block_size
+    result = {
+        key: [tokens[start : start + block_size] for start in range(0, total_length, block_size)]
+        for key, tokens in concatenated.items()
+    }
+    result["labels"] = result["input_ids"].copy()
+    return result
+
+
+def tokenize_and_group(
+    raw_datasets: datasets.DatasetDict,
+    tokenizer,
+    block_size: int,
+    num_proc: int | None = None,
+    overwrite_cache: bool = False,
+) -> datasets.DatasetDict:
+    """Tokenizes the text column and regroups the tokens into blocks of `block_size`, as upstream.
+
+    As upstream, rows are concatenated per `map` batch of 1,000 rows, so each batch drops its own remainder.
+
+    Args:
+        raw_datasets: Splits with a text column (`text_column_name`); all raw columns are removed.
+        tokenizer: The tokenizer, called without padding or truncation.
+        block_size: Tokens per block (see `resolve_block_size`).
+        num_proc: Processes of `Dataset.map`.
+        overwrite_cache: Recompute instead of reusing `datasets`' cache files.
+
+    Returns:
+        Splits with `input_ids`, `attention_mask` (whatever the tokenizer returns) and `labels`, every row
+        `block_size` long. Batch them with `causal_lm_collate`.
+    """
+    column_names = raw_datasets["train"].column_names
+    text_column = text_column_name(raw_datasets["train"])
+
+    def tokenize_function(examples):
+        return tokenizer(examples[text_column])
+
+    tokenized = raw_datasets.map(
+        tokenize_function,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=column_names,
+        load_from_cache_file=not overwrite_cache,
+        desc="Running tokenizer on dataset",
+    )
+    return tokenized.map(
+        group_texts,
+        batched=True,
+        fn_kwargs={"block_size": block_size},
+        num_proc=num_proc,
+        load_from_cache_file=not overwrite_cache,
+        desc=f"Grouping texts in chunks of {block_size}",
+    )
+
+
+causal_lm_collate = default_data_collator
