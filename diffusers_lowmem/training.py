@@ -1,0 +1,340 @@
+"""What both trainers share around the loop: RNG per step, data order per epoch, checkpoints, optimizers, dtypes.
+
+Exact resumption is a design goal: a run resumed from a checkpoint must end with the same adapter as an
+uninterrupted one. Upstream scripts drift because the randomness of step `k` depends on everything drawn before it
+(dataloader iterator seeds, augmentations, noise). Here every random draw of a step is a function of
+`(seed, step)` only: the data order of an epoch comes from `(seed, epoch)` (`EpochShuffleSampler`), and the global
+RNGs are re-seeded from `(seed, step)` before each step (`seed_step`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint"
+TRAINING_STATE_NAME = "training_state.json"
+TRAINING_SUMMARY_NAME = "training_summary.json"
+_PARTIAL_SUFFIX = ".partial"
+_CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
+
+
+def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
+    """The dtype of frozen weights under `--mixed_precision` (trainable adapters always stay in float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """Returns `seed`, or a fresh random one (logged) so that even unseeded runs can be resumed exactly."""
+    if seed is not None:
+        return seed
+    seed = random.SystemRandom().randrange(2**31)
+    logger.info(f"No --seed given; using seed {seed} (stored in checkpoints for exact resumption).")
+    return seed
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Re-seeds Python, NumPy and torch (all devices) from `(seed, step)`, so step `step` draws the same numbers
+    whether the run was interrupted before it or not."""
+    step_seed = (seed * 1_000_003 + step) % (2**32)
+    random.seed(step_seed)
+    np.random.seed(step_seed)
+    torch.manual_seed(step_seed)
+
+
+class PerSampleSeedDataset(torch.utils.data.Dataset):
+    """Fetches sample `i` of epoch `e` under RNG seeds derived from `(seed, e, i)` only.
+
+    Augmentations (random crop, flip, caption choice) then do not depend on when a sample is fetched: accelerate's
+    loaders prefetch a batch ahead and synchronise RNG states when an iterator starts, and a resumed run fetches
+    from the middle of an epoch. The global RNG states are restored afterwards.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 100_003 + int(index)) % (2**32)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            try:
+                return self.dataset[int(index)]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """Shuffles `num_samples` indices with a permutation that depends only on `(seed, epoch)`.
+
+    Call `set_epoch` before iterating an epoch. Unlike `RandomSampler`, nothing here reads the global RNG, so the
+    order of an epoch is the same in a resumed run.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def num_update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer updates in one epoch of `num_batches` batches (a trailing partial accumulation counts as one)."""
+    return math.ceil(num_batches / gradient_accumulation_steps)
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, global_step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}-{global_step}"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first.
+
+    A checkpoint is complete when its directory has its final name and holds `training_state.json` (written last);
+    a save that was killed leaves a `.partial` directory, which is ignored.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _CHECKPOINT_PATTERN.match(path.name)
+        if match and path.is_dir() and (path / TRAINING_STATE_NAME).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> Path | None:
+    """The checkpoint to resume from: `latest` picks the newest complete one in `output_dir` (None if there is none:
+    a fresh run starts); any other value must be an existing checkpoint directory.
+
+    Raises:
+        ValueError: If an explicit path does not exist or is not a complete checkpoint.
+    """
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
+            return None
+        return checkpoints[-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir() and (Path(output_dir) / resume_from_checkpoint).is_dir():
+        path = Path(output_dir) / resume_from_checkpoint  # upstream accepts a bare "checkpoint-N" name
+    if not (path / TRAINING_STATE_NAME).is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a complete checkpoint directory "
+            f"(expected {path / TRAINING_STATE_NAME}). Use 'latest' or one of: "
+            f"{[str(p) for p in list_checkpoints(output_dir)] or 'none found'}."
+        )
+    return path
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
+    """Deletes the oldest checkpoints so that saving one more keeps at most `total_limit`. Returns what was removed."""
+    if total_limit is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    excess = len(checkpoints) - (total_limit - 1)
+    removed = checkpoints[: max(excess, 0)]
+    if removed:
+        logger.info(f"{len(checkpoints)} checkpoints exist; removing {len(removed)}: {[p.name for p in removed]}")
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def save_checkpoint(accelerator, output_dir, global_step: int, training_state: dict, total_limit=None) -> Path:
+    """Saves the accelerate state (adapter weights through the registered hooks, optimizer, scheduler, RNG) atomically.
+
+    The state is written to `checkpoint-N.partial` and renamed to `checkpoint-N` only once `training_state.json` is
+    in it, so a process killed mid-save leaves the previous checkpoints intact and no half-written one that
+    `--resume_from_checkpoint latest` would pick.
+
+    Returns:
+        The final checkpoint directory.
+    """
+    final_dir = checkpoint_dir(output_dir, global_step)
+    partial_dir = final_dir.with_name(final_dir.name + _PARTIAL_SUFFIX)
+    if accelerator.is_main_process:
+        prune_checkpoints(output_dir, total_limit)
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial_dir))
+    if accelerator.is_main_process:
+        state = dict(training_state, global_step=global_step)
+        (partial_dir / TRAINING_STATE_NAME).write_text(json.dumps(state, indent=2))
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(partial_dir, final_dir)
+        logger.info(f"Saved state to {final_dir}")
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
+def read_training_state(path: str | os.PathLike) -> dict:
+    """The `training_state.json` of a checkpoint (global step, seed, ...)."""
+    return json.loads((Path(path) / TRAINING_STATE_NAME).read_text())
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
+    """Restores the accelerate state from `path` and returns its `training_state.json`."""
+    accelerator.load_state(str(path))
+    return read_training_state(path)
+
+
+def register_adapter_checkpoint_hooks(accelerator, save_adapter_to, load_adapter_from) -> None:
+    """Makes `accelerator.save_state` / `load_state` hold only the adapter weights, not the frozen base.
+
+    Args:
+        accelerator: The run's `Accelerator`.
+        save_adapter_to: Called with the checkpoint directory on the main process; writes the adapter weights.
+        load_adapter_from: Called with the checkpoint directory on every process; loads them back in place.
+    """
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_adapter_to(output_dir)
+        weights.clear()  # accelerate would otherwise write every prepared model's full state dict
+
+    def load_model_hook(models, input_dir):
+        models.clear()
+        load_adapter_from(input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def log_run_summary(logger, num_examples, num_epochs, batch_size, total_batch_size, accumulation, max_steps, **extra):
+    """The upstream '***** Running training *****' block, plus our adapter/quantization lines."""
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {num_examples}")
+    logger.info(f"  Num Epochs = {num_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient Accumulation steps = {accumulation}")
+    logger.info(f"  Total optimization steps = {max_steps}")
+    for key, value in extra.items():
+        logger.info(f"  {key} = {value}")
+
+
+def create_optimizer(param_groups, learning_rate, betas, weight_decay, eps, use_8bit_adam=False):
+    """AdamW, or bitsandbytes' `AdamW8bit` with `use_8bit_adam` (as upstream's `--use_8bit_adam`)."""
+    if use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(param_groups, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def trainable_parameters(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters that require gradients, each once, over several modules."""
+    seen, params = set(), []
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def find_nonfinite(tensors) -> bool:
+    """True when any tensor holds NaN or inf."""
+    return any(not torch.isfinite(t).all() for t in tensors)
+
+
+def write_json(path: str | os.PathLike, values: dict) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(values, indent=2, default=str))
+    return path
+
+
+def create_lr_scheduler(name: str, optimizer, num_warmup_steps: int, max_train_steps: int, num_processes: int = 1):
+    """diffusers' `get_scheduler`, with step counts scaled by the number of processes as the upstream scripts do
+    (accelerate steps a prepared scheduler once per process)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        str(name),
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
+    )
+
+
+def configure_logging(accelerator) -> None:
+    """Upstream's logging set-up: INFO on the main process, errors only elsewhere, for us and the HF libraries."""
+    import datasets
+    import diffusers
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        logging.getLogger("diffusers_lowmem").setLevel(logging.ERROR)
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def tracker_config(args) -> dict:
+    """The run's arguments as tracker hyper-parameters (TensorBoard accepts only scalars and strings)."""
+    config = {}
+    for key, value in vars(args).items():
+        if isinstance(value, (int, float, str, bool)):
+            config[key] = value
+        elif value is not None:
+            config[key] = str(value)
+    return config
+
+
+def elapsed_since(started: float, device) -> float:
+    """Seconds since `started` (a `time.perf_counter()` value), after the device's queued work has finished."""
+    import time
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
