@@ -1,0 +1,246 @@
+"""The text-to-image drop-in trainer on the tiny pipeline: every adapter x quantization, outputs that load where users
+live, memory in TensorBoard, checkpoints that resume exactly, and a model that learns."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffusers_lowmem import adapters, train_text_to_image
+from diffusers_lowmem import args as arg_groups
+from diffusers_lowmem.training import list_checkpoints
+
+SPEC = Path(__file__).parent / "spec" / "train_text_to_image_lora.flags"
+MEMORY_MILESTONES = ("after_model_load", "after_adapter", "after_first_step")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator, as a separate `accelerate launch` would."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def train_argv(sd_path, images_path, output_dir, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(sd_path),
+        "--train_data_dir", str(images_path),
+        "--resolution", "32",
+        "--train_batch_size", "2",
+        "--learning_rate", "1e-3",
+        "--lr_warmup_steps", "0",
+        "--seed", "0",
+        "--output_dir", str(output_dir),
+        *extra,
+    ]  # fmt: skip
+
+
+def run(argv):
+    return train_text_to_image.main(train_text_to_image.parse_args(argv))
+
+
+def scalar_tags(output_dir: Path) -> dict[str, list[float]]:
+    values = {}
+    for events in Path(output_dir, "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values[tag] = [event.value for event in accumulator.Scalars(tag)]
+    return values
+
+
+def unet_output(pipeline, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    unet = pipeline.unet
+    latents = torch.randn(1, unet.config.in_channels, 16, 16, generator=generator)
+    states = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), states, return_dict=False)[0]
+
+
+def text_encoder_output(pipeline):
+    ids = pipeline.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipeline.text_encoder(ids)[0]
+
+
+def fresh_pipeline(sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(sd_path, safety_checker=None)
+
+
+def test_parser_accepts_every_upstream_flag_with_upstream_default():
+    spec = arg_groups.parse_spec(SPEC)
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "org/model", "--dataset_name", "x/y"])
+    for flag, attributes in spec.items():
+        destination = flag.lstrip("-")
+        assert hasattr(args, destination), flag
+        if "default" in attributes and flag not in ("--pretrained_model_name_or_path", "--dataset_name"):
+            assert getattr(args, destination) == arg_groups.spec_value(attributes["default"]), flag
+    assert args.adapter == "lora" and args.quant is None and args.memory_log_steps == 1
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet+te"])
+@pytest.mark.parametrize("quant", ["none", "8bit", "nf4"])
+@pytest.mark.parametrize("adapter", adapters.ADAPTER_ALGOS)
+def test_every_adapter_and_quantization_trains_saves_and_reloads(
+    adapter, quant, train_text_encoder, tiny_sd_path, tiny_images_path, tmp_path
+):
+    extra = ["--adapter", adapter, "--max_train_steps", "2", "--rank", "4"]
+    extra += [] if quant == "none" else ["--quant", quant]
+    extra += ["--train_text_encoder"] if train_text_encoder else []
+    summary = run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, *extra))
+    assert summary["global_step"] == 2
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+
+    weights = load_file(tmp_path / adapters.DIFFUSERS_WEIGHT_NAME)
+    assert any(key.startswith("lora_unet_") for key in weights)
+    assert any(key.startswith("lora_te_text_model_encoder_") for key in weights) == train_text_encoder
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+    base = fresh_pipeline(tiny_sd_path)
+    adapted = fresh_pipeline(tiny_sd_path)
+    adapters.load_adapter(adapted, tmp_path)
+    assert not torch.allclose(unet_output(base), unet_output(adapted), atol=1e-6)
+    if train_text_encoder:
+        assert not torch.allclose(text_encoder_output(base), text_encoder_output(adapted), atol=1e-6)
+
+    tags = scalar_tags(tmp_path)
+    for milestone in MEMORY_MILESTONES:
+        assert any(tag.startswith(f"memory/{milestone}/") for tag in tags), (milestone, sorted(tags))
+    assert any(tag.startswith("memory/step/") and len(values) == 2 for tag, values in tags.items())
+    report = json.loads((tmp_path / "memory_report.json").read_text())
+    assert set(report["milestones"]) >= set(MEMORY_MILESTONES)
+    assert report["params"]["trainable"] > 0
+    if quant != "none":
+        assert report["breakdown"]["frozen_weights"] < _unquantized_frozen_bytes(tiny_sd_path)
+
+
+_FROZEN_BYTES = {}
+
+
+def _unquantized_frozen_bytes(sd_path) -> int:
+    """Bytes of the fp32 UNet + text encoder + VAE, for comparison with a quantized run."""
+    if sd_path not in _FROZEN_BYTES:
+        pipeline = fresh_pipeline(sd_path)
+        modules = (pipeline.unet, pipeline.text_encoder, pipeline.vae)
+        _FROZEN_BYTES[sd_path] = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return _FROZEN_BYTES[sd_path]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "locon"])
+def test_lora_and_locon_load_with_diffusers_load_lora_weights(adapter, tiny_sd_path, tiny_images_path, tmp_path):
+    run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, "--adapter", adapter, "--max_train_steps", "3"))
+    ours = fresh_pipeline(tiny_sd_path)
+    adapters.load_adapter(ours, tmp_path)
+    theirs = fresh_pipeline(tiny_sd_path)
+    theirs.load_lora_weights(tmp_path)
+    torch.testing.assert_close(unet_output(theirs), unet_output(ours), atol=1e-4, rtol=1e-4)
+
+
+def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tiny_sd_path, tiny_images_path, tmp_path):
+    common = ["--adapter", "lokr", "--quant", "nf4", "--random_flip", "--checkpointing_steps", "3"]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run(train_argv(tiny_sd_path, tiny_images_path, uninterrupted, *common, "--max_train_steps", "6"))
+    run(train_argv(tiny_sd_path, tiny_images_path, interrupted, *common, "--max_train_steps", "3"))
+    # The "crash": only checkpoint-3 survives; resume from it up to step 6 (crossing an epoch boundary: 4 steps each).
+    summary = run(
+        train_argv(
+            tiny_sd_path, tiny_images_path, interrupted, *common, "--max_train_steps", "6",
+            "--resume_from_checkpoint", "latest",
+        )
+    )  # fmt: skip
+    assert summary["global_step"] == 6
+    expected = load_file(uninterrupted / adapters.DIFFUSERS_WEIGHT_NAME)
+    resumed = load_file(interrupted / adapters.DIFFUSERS_WEIGHT_NAME)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_sd_path, tiny_images_path, tmp_path):
+    extra = ["--max_train_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
+    run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, *extra))
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]
+    checkpoint = tmp_path / "checkpoint-5"
+    assert (checkpoint / adapters.DIFFUSERS_WEIGHT_NAME).is_file()
+    # Only adapter weights are stored, never the frozen base.
+    assert not list(checkpoint.glob("model*.safetensors")) and not list(checkpoint.glob("pytorch_model*.bin"))
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_resume_from_a_missing_checkpoint_fails_before_loading(tiny_sd_path, tiny_images_path, tmp_path, capsys):
+    argv = train_argv(tiny_sd_path, tiny_images_path, tmp_path / "out", "--resume_from_checkpoint", "nope")
+    with pytest.raises(SystemExit) as error:
+        train_text_to_image.parse_args(argv)
+    assert error.value.code == 2
+    assert "--resume_from_checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_checkpoint_is_refused_by_main(tiny_sd_path, tiny_images_path, tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()  # a folder without training_state.json: killed mid-save
+    args = train_text_to_image.parse_args(
+        train_argv(tiny_sd_path, tiny_images_path, tmp_path, "--resume_from_checkpoint", "checkpoint-3")
+    )
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        train_text_to_image.main(args)
+
+
+def fixed_pair_loss(pipeline, images_path, resolution=32, seed=1234) -> float:
+    """Mean denoising loss over the data set at fixed (noise, timestep) pairs: comparable before and after."""
+    from diffusers_lowmem import data
+
+    dataset = data.load_image_caption_dataset(None, None, str(images_path), None, "image", "text")
+    preprocessor = data.ImagePreprocessor(resolution, center_crop=True, random_flip=False)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    with torch.no_grad():
+        for example in dataset:
+            pixels = preprocessor(example["image"]).unsqueeze(0)
+            latents = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
+            ids = pipeline.tokenizer(
+                [example["text"]], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids
+            states = pipeline.text_encoder(ids)[0]
+            for _ in range(4):
+                noise = torch.randn(latents.shape, generator=generator)
+                timestep = torch.randint(50, 950, (1,), generator=generator)
+                noisy = pipeline.scheduler.add_noise(latents, noise, timestep)
+                prediction = pipeline.unet(noisy, timestep, states, return_dict=False)[0]
+                losses.append(torch.nn.functional.mse_loss(prediction, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_the_model_learns(tiny_sd_path, tiny_images_path, tmp_path):
+    extra = ["--adapter", "lora", "--rank", "8", "--max_train_steps", "150", "--train_batch_size", "8"]
+    extra += ["--learning_rate", "3e-3", "--center_crop"]
+    run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, *extra))
+    before = fixed_pair_loss(fresh_pipeline(tiny_sd_path), tiny_images_path)
+    trained = fresh_pipeline(tiny_sd_path)
+    adapters.load_adapter(trained, tmp_path)
+    after = fixed_pair_loss(trained, tiny_images_path)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_module_runs_under_accelerate_launch(tiny_sd_path, tiny_images_path, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffusers_lowmem.train_text_to_image",
+        *train_argv(tiny_sd_path, tiny_images_path, tmp_path, "--adapter", "lokr", "--quant", "nf4"),
+        "--max_train_steps", "2", "--cache_latents",
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / adapters.DIFFUSERS_WEIGHT_NAME).is_file()
+    assert (tmp_path / "memory_report.md").is_file()
+    assert "Steps" in completed.stderr  # the progress bar
