@@ -1,0 +1,546 @@
+"""Adapter x quantization memory matrix: "which adapter and quantization fit my GPU, and what do they cost?"
+
+    python -m diffusers_lowmem.profile --task text-to-image --architecture sd15 --adapters lora,lokr \\
+        --quant none,8bit,nf4 --steps 5 --resolution 512 --gradient_checkpointing --mixed_precision bf16 \\
+        --output_dir profile-sd15
+
+Each cell (adapter x quant, plus a no-adapter "quantization only" row) runs in its own process through the real
+trainer (`train_text_to_image.main` / `train_causal_lm.main`), so its peak is clean and a cell that runs out of
+memory is recorded as OOM instead of ending the matrix. `--architecture` builds real architectures with random
+weights from configs shipped in the package (memory does not depend on weight values), so real-scale numbers need
+no download. Writes `results.csv`, `results.md`, `results.png` and TensorBoard scalars to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("text-to-image", "causal-lm")
+QUANT_ONLY = "none"  # the adapter name of the quantization-only row
+OOM_MARKERS = (
+    "out of memory",
+    "OutOfMemoryError",
+    "MemoryError",
+    "can't allocate memory",
+    "Cannot allocate memory",
+    "std::bad_alloc",
+    "failed to map segment",
+)
+GIB = 1024**3
+MIB = 1024**2
+
+
+@dataclass
+class CellResult:
+    """One cell of the matrix; byte values are ints, None where the device does not measure them."""
+
+    adapter: str
+    quant: str
+    status: str  # "ok", "oom" or "error"
+    after_model_load_allocated: int | None = None
+    after_adapter_allocated: int | None = None
+    after_first_step_allocated: int | None = None
+    peak_allocated: int | None = None
+    peak_reserved: int | None = None
+    after_model_load_rss: int | None = None
+    after_first_step_rss: int | None = None
+    peak_rss: int | None = None
+    frozen_weights: int | None = None
+    trainable_params_bytes: int | None = None
+    gradients: int | None = None
+    optimizer_state: int | None = None
+    activations_peak: int | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    median_step_seconds: float | None = None
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        adapter = "quant only" if self.adapter == QUANT_ONLY else self.adapter
+        return f"{adapter} / {self.quant}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Run the adapter x quantization memory matrix through the real trainers, one process per cell.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--task", choices=TASKS, required=True, help="Which trainer to profile.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pretrained", type=str, help="A local diffusers pipeline or causal-LM directory.")
+    source.add_argument(
+        "--architecture",
+        type=str,
+        help="A real architecture with random weights, built from configs shipped in the package (no download): "
+        "sd15, sd21, sdxl, llama2-7b, llama3-8b, or tiny-sd / tiny-llama. See `python -m diffusers_lowmem.architectures`.",
+    )
+    parser.add_argument("--adapters", type=str, default="lora,loha,lokr,locon", help="Comma-separated adapters.")
+    parser.add_argument("--quant", type=str, default="none,8bit,nf4", help="Comma-separated: none, 8bit, nf4.")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="Training steps per cell (the median step time skips the first)."
+    )
+    parser.add_argument("--resolution", type=int, default=None, help="Image resolution (text-to-image).")
+    parser.add_argument("--seq_len", type=int, default=None, help="Sequence length, i.e. --block_size (causal LM).")
+    parser.add_argument("--batch_size", type=int, default=1, help="Per-device batch size.")
+    parser.add_argument("--rank", type=int, default=4, help="Adapter rank.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Frozen weight dtype.")
+    parser.add_argument("--train_text_encoder", action="store_true", help="Adapters on the text encoder(s) too.")
+    parser.add_argument("--cache_latents", action="store_true", help="Encode latents once and free the VAE (t2i).")
+    parser.add_argument(
+        "--no_quant_only_row", action="store_true", help="Skip the no-adapter 'quantization only' row of the study."
+    )
+    parser.add_argument(
+        "--max_memory",
+        type=float,
+        default=None,
+        help="Memory cap per cell in GiB: on CUDA the process' GPU memory fraction; on CPU the address space the "
+        "cell may add after importing its libraries. A cell that exceeds it is recorded as OOM.",
+    )
+    parser.add_argument("--cell_timeout", type=int, default=3600, help="Seconds before a cell is abandoned.")
+    parser.add_argument("--output_dir", type=str, required=True, help="Where results.{csv,md,png} and cells go.")
+    parser.add_argument("--run_cell", type=str, default=None, help=argparse.SUPPRESS)  # internal: child process
+    args = parser.parse_args(argv)
+    args.adapter_list = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    args.quant_list = [q.strip() for q in args.quant.split(",") if q.strip()]
+    _validate(args, parser)
+    return args
+
+
+def _validate(args, parser) -> None:
+    from diffusers_lowmem.adapters import ADAPTER_ALGOS
+
+    unknown = [a for a in args.adapter_list if a not in ADAPTER_ALGOS]
+    if unknown:
+        parser.error(f"--adapters: unknown {unknown}; choose from {', '.join(ADAPTER_ALGOS)}")
+    unknown = [q for q in args.quant_list if q not in ("none", "8bit", "nf4")]
+    if unknown:
+        parser.error(f"--quant: unknown {unknown}; choose from none, 8bit, nf4")
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if args.pretrained and not Path(args.pretrained).exists():
+        parser.error(f"--pretrained {args.pretrained!r} does not exist")
+    if args.architecture:
+        from diffusers_lowmem.architectures import ARCHITECTURES
+
+        spec = ARCHITECTURES.get(args.architecture)
+        if spec is None:
+            parser.error(f"--architecture {args.architecture!r} is unknown; choose from {', '.join(ARCHITECTURES)}")
+        if spec.task != args.task:
+            parser.error(f"--architecture {args.architecture} is a {spec.task} architecture, not --task {args.task}")
+
+
+def cells(args) -> list[tuple[str, str]]:
+    """The matrix: every adapter x quant, then the quantization-only row (one per quant mode)."""
+    matrix = [(adapter, quant) for adapter in args.adapter_list for quant in args.quant_list]
+    if not args.no_quant_only_row:
+        matrix += [(QUANT_ONLY, quant) for quant in args.quant_list]
+    return matrix
+
+
+def ensure_data(args, output_dir: Path) -> Path:
+    """Small local data for the run: an image-caption folder or a text corpus (contents do not change memory)."""
+    from diffusers_lowmem import tiny
+
+    if args.task == "text-to-image":
+        return tiny.write_image_caption_folder(output_dir / "data" / "images", num_images=max(4, args.batch_size))
+    return tiny.write_text_corpus(output_dir / "data" / "text")
+
+
+def trainer_argv(args, adapter: str, quant: str, data_dir: Path, cell_dir: Path) -> list[str]:
+    """The command line a user would give the trainer for this cell."""
+    model = args.pretrained or f"architecture:{args.architecture}"
+    common = [
+        "--output_dir", str(cell_dir),
+        "--max_train_steps", str(args.steps),
+        "--seed", "0",
+        "--mixed_precision", args.mixed_precision,
+        "--memory_log_steps", "1",
+        "--checkpointing_steps", str(10**9),
+    ]  # fmt: skip
+    if adapter != QUANT_ONLY:
+        common += ["--adapter", adapter]
+    if quant != "none":
+        common += ["--quant", quant]
+    if args.gradient_checkpointing:
+        common.append("--gradient_checkpointing")
+    if args.task == "text-to-image":
+        argv = [
+            "--pretrained_model_name_or_path", model,
+            "--train_data_dir", str(data_dir),
+            "--resolution", str(args.resolution or 512),
+            "--train_batch_size", str(args.batch_size),
+            "--rank", str(args.rank),
+            "--report_to", "tensorboard",
+        ]  # fmt: skip
+        if args.train_text_encoder:
+            argv.append("--train_text_encoder")
+        if args.cache_latents:
+            argv.append("--cache_latents")
+    else:
+        argv = [
+            "--model_name_or_path", model,
+            "--train_file", str(data_dir / "train.txt"),
+            "--validation_file", str(data_dir / "validation.txt"),
+            "--block_size", str(args.seq_len or 512),
+            "--per_device_train_batch_size", str(args.batch_size),
+            "--per_device_eval_batch_size", str(args.batch_size),
+            "--rank", str(args.rank),
+            "--num_train_epochs", "1",
+            "--report_to", "tensorboard",
+            "--with_tracking",
+        ]  # fmt: skip
+    return argv + common
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The child process: one cell
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _apply_memory_cap(max_memory_gib: float | None) -> None:
+    if max_memory_gib is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * GIB / total))
+    else:
+        # On the CPU the cap is address space the cell may add to what the imported libraries already map.
+        import psutil
+
+        limit = psutil.Process().memory_info().vms + int(max_memory_gib * GIB)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+
+def run_cell_in_process(spec: dict) -> None:
+    """Runs one cell in this process: the trainer's own `main`, or the quantization-only measurement."""
+    if spec["task"] == "text-to-image":
+        from diffusers_lowmem import train_text_to_image as trainer
+    else:
+        from diffusers_lowmem import train_causal_lm as trainer
+    trainer_args = trainer.parse_args(spec["argv"])
+    _apply_memory_cap(spec.get("max_memory"))  # after the imports: the cap is for the models and the training
+    if spec["adapter"] == QUANT_ONLY:
+        trainer.measure_frozen_base(trainer_args)
+    else:
+        trainer.main(trainer_args)
+
+
+def run_cell(args, adapter: str, quant: str, data_dir: Path, output_dir: Path) -> CellResult:
+    """Launches one cell in a fresh process and reads back its memory report."""
+    cell_dir = output_dir / "cells" / f"{adapter}-{quant}"
+    spec = {
+        "task": args.task,
+        "adapter": adapter,
+        "argv": trainer_argv(args, adapter, quant, data_dir, cell_dir),
+        "max_memory": args.max_memory,
+    }
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = cell_dir / "cell.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    command = [sys.executable, "-m", "diffusers_lowmem.profile", "--task", args.task, "--output_dir", str(cell_dir)]
+    command += ["--architecture" if args.architecture else "--pretrained", args.architecture or args.pretrained]
+    command += ["--run_cell", str(spec_path)]
+    log_path = cell_dir / "log.txt"
+    with open(log_path, "w") as log_file:
+        try:
+            completed = subprocess.run(
+                command, stdout=log_file, stderr=subprocess.STDOUT, timeout=args.cell_timeout, env=_child_env()
+            )
+            returncode = completed.returncode
+        except subprocess.TimeoutExpired:
+            returncode = -1
+    log_text = log_path.read_text(errors="replace")
+    report_path = cell_dir / "memory_report.json"
+    if returncode == 0 and report_path.is_file():
+        return _result_from_report(adapter, quant, report_path, cell_dir)
+    status = "oom" if any(marker in log_text for marker in OOM_MARKERS) else "error"
+    last_lines = " | ".join(line for line in log_text.strip().splitlines()[-3:])
+    result = CellResult(adapter, quant, status, error=last_lines[-500:])
+    if report_path.is_file():  # an OOM in training still leaves the report written up to that point
+        partial = _result_from_report(adapter, quant, report_path, cell_dir)
+        partial.status, partial.error = status, result.error
+        return partial
+    return result
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _result_from_report(adapter: str, quant: str, report_path: Path, cell_dir: Path) -> CellResult:
+    report = json.loads(report_path.read_text())
+    milestones = report.get("milestones", {})
+    breakdown = report.get("breakdown", {})
+    peak = report.get("peak", {})
+    params = report.get("params", {})
+
+    def milestone(name, key):
+        return milestones.get(name, {}).get(key)
+
+    step_times = report.get("step_seconds") or []
+    summary_path = cell_dir / "training_summary.json"
+    if not step_times and summary_path.is_file():
+        step_times = json.loads(summary_path.read_text()).get("step_seconds", [])
+    timed = step_times[1:] if len(step_times) > 1 else step_times  # the first step pays for warm-up
+    return CellResult(
+        adapter=adapter,
+        quant=quant,
+        status="ok",
+        after_model_load_allocated=milestone("after_model_load", "allocated"),
+        after_adapter_allocated=milestone("after_adapter", "allocated"),
+        after_first_step_allocated=milestone("after_first_step", "allocated"),
+        peak_allocated=peak.get("allocated"),
+        peak_reserved=peak.get("reserved"),
+        after_model_load_rss=milestone("after_model_load", "rss"),
+        after_first_step_rss=milestone("after_first_step", "rss"),
+        peak_rss=peak.get("rss"),
+        frozen_weights=breakdown.get("frozen_weights"),
+        trainable_params_bytes=breakdown.get("trainable_params"),
+        gradients=breakdown.get("gradients"),
+        optimizer_state=breakdown.get("optimizer_state"),
+        activations_peak=breakdown.get("activations_peak"),
+        trainable_params=params.get("trainable"),
+        total_params=params.get("total"),
+        median_step_seconds=statistics.median(timed) if timed else None,
+        extra={"quantization": report.get("quantization")} if report.get("quantization") else {},
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------------
+
+CSV_FIELDS = [name for name in CellResult.__dataclass_fields__ if name != "extra"]
+
+
+def device_description() -> tuple[str, int | None]:
+    """A device name for the results and its total memory in bytes (None on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        return properties.name, properties.total_memory
+    import platform
+
+    import psutil
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", psutil.virtual_memory().total
+
+
+def write_csv(results: list[CellResult], path: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for result in results:
+            row = asdict(result)
+            row.pop("extra")
+            writer.writerow(row)
+    return path
+
+
+def _gib(value: int | None, unit: int = GIB) -> str:
+    return "-" if value is None else f"{value / unit:.2f}"
+
+
+def table_unit(results: list[CellResult]) -> tuple[int, str]:
+    """GiB for real-scale tables, MiB when every value is below 1 GiB (the tiny models)."""
+    values = [getattr(r, name) or 0 for r in results for name in ("peak_allocated", "peak_rss", "frozen_weights")]
+    return (GIB, "GiB") if max(values, default=0) >= GIB else (MIB, "MiB")
+
+
+def _percent(value: int | None, total: int | None) -> str:
+    return "-" if value is None or not total else f"{100 * value / total:.1f}%"
+
+
+def markdown_table(results: list[CellResult], device_memory: int | None, on_cuda: bool) -> str:
+    """Rows = cells; memory in GiB (MiB for tiny models) with % of device memory; allocated on CUDA, RSS on CPU."""
+    unit, unit_name = table_unit(results)
+    measure = ("allocated" if on_cuda else "RSS") + ", " + unit_name
+    header = [
+        "cell",
+        "status",
+        f"after load ({measure})",
+        f"after 1 step ({measure})",
+        f"peak ({measure})",
+        "peak % of device",
+    ]
+    if on_cuda:
+        header.append("peak reserved")
+    header += [
+        "frozen weights",
+        "trainable",
+        "grads",
+        "optimizer",
+        "activations",
+        "trainable params",
+        "median step (s)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        load = r.after_model_load_allocated if on_cuda else r.after_model_load_rss
+        first = r.after_first_step_allocated if on_cuda else r.after_first_step_rss
+        peak = r.peak_allocated if on_cuda else r.peak_rss
+        row = [r.label, r.status, _gib(load, unit), _gib(first, unit), _gib(peak, unit)]
+        row.append(_percent(peak, device_memory))
+        if on_cuda:
+            row.append(_gib(r.peak_reserved, unit))
+        row += [
+            _gib(r.frozen_weights, unit),
+            _gib(r.trainable_params_bytes, unit),
+            _gib(r.gradients, unit),
+            _gib(r.optimizer_state, unit),
+            _gib(r.activations_peak, unit),
+            "-" if r.trainable_params is None else f"{r.trainable_params:,}",
+            "-" if r.median_step_seconds is None else f"{r.median_step_seconds:.3f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(results, path: Path, args, device_name: str, device_memory: int | None, on_cuda: bool) -> Path:
+    command = "python -m diffusers_lowmem.profile " + " ".join(_reproduce_argv(args))
+    text = [
+        f"# Memory matrix: {args.architecture or args.pretrained} ({args.task})",
+        "",
+        f"- Device: {device_name}" + (f", {device_memory / GIB:.1f} GiB" if device_memory else ""),
+        f"- Command: `{command}`",
+        "- Memory in GiB (MiB where the header says so). On CUDA: `torch.cuda` allocated/reserved; on CPU: process RSS. Breakdown columns are exact "
+        "tensor bytes (quantized weights as stored). 'quant only' rows load and quantize the frozen base and run one "
+        "forward pass, without an adapter.",
+        "",
+        markdown_table(results, device_memory, on_cuda),
+        "",
+    ]
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        text += ["Cells that did not finish:", ""] + [f"- {r.label}: {r.status}: `{r.error}`" for r in failed] + [""]
+    path.write_text("\n".join(text))
+    return path
+
+
+def _reproduce_argv(args) -> list[str]:
+    argv = ["--task", args.task]
+    argv += ["--architecture", args.architecture] if args.architecture else ["--pretrained", args.pretrained]
+    argv += ["--adapters", args.adapters, "--quant", args.quant, "--steps", str(args.steps)]
+    if args.resolution:
+        argv += ["--resolution", str(args.resolution)]
+    if args.seq_len:
+        argv += ["--seq_len", str(args.seq_len)]
+    argv += ["--batch_size", str(args.batch_size), "--mixed_precision", args.mixed_precision]
+    for flag in ("gradient_checkpointing", "train_text_encoder", "cache_latents", "no_quant_only_row"):
+        if getattr(args, flag):
+            argv.append(f"--{flag}")
+    if args.max_memory:
+        argv += ["--max_memory", str(args.max_memory)]
+    return argv + ["--output_dir", args.output_dir]
+
+
+def write_png(results: list[CellResult], path: Path, on_cuda: bool, title: str) -> Path | None:
+    """Grouped bars per cell: after load, after one step, peak (GiB)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'diffusers_lowmem[plot]'): skipping results.png")
+        return None
+    import numpy as np
+
+    def values(attribute_cuda, attribute_cpu):
+        return [((getattr(r, attribute_cuda if on_cuda else attribute_cpu)) or 0) / GIB for r in results]
+
+    series = {
+        "after load": values("after_model_load_allocated", "after_model_load_rss"),
+        "after 1 step": values("after_first_step_allocated", "after_first_step_rss"),
+        "peak": values("peak_allocated", "peak_rss"),
+    }
+    positions = np.arange(len(results))
+    width = 0.27
+    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(results) + 2), 4.5))
+    for offset, (name, heights) in enumerate(series.items()):
+        axis.bar(positions + (offset - 1) * width, heights, width, label=name)
+    for index, result in enumerate(results):
+        if result.status != "ok":
+            axis.annotate(result.status.upper(), (positions[index], 0), ha="center", va="bottom", color="red")
+    axis.set_xticks(positions)
+    axis.set_xticklabels([r.label for r in results], rotation=45, ha="right")
+    axis.set_ylabel("GiB (" + ("allocated" if on_cuda else "RSS") + ")")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def log_to_tensorboard(results: list[CellResult], output_dir: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(output_dir / "logs"))
+    for index, result in enumerate(results):
+        for name in ("peak_allocated", "peak_rss", "after_first_step_allocated", "frozen_weights"):
+            value = getattr(result, name)
+            if value is not None:
+                writer.add_scalar(f"profile/{result.adapter}-{result.quant}/{name}_gib", value / GIB, index)
+        writer.add_text(f"profile/{result.adapter}-{result.quant}/status", result.status, index)
+    writer.close()
+
+
+def main(args: argparse.Namespace) -> list[CellResult]:
+    """Runs the matrix and writes the result files. Returns the cells."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = ensure_data(args, output_dir)
+    matrix = cells(args)
+    results = []
+    progress = tqdm(matrix, desc="Profile cells")
+    for adapter, quant in progress:
+        progress.set_postfix(cell=f"{adapter}/{quant}")
+        result = run_cell(args, adapter, quant, data_dir, output_dir)
+        results.append(result)
+        logger.info(f"{result.label}: {result.status}, peak {_gib(result.peak_allocated or result.peak_rss)} GiB")
+    device_name, device_memory = device_description()
+    on_cuda = any(r.peak_allocated is not None for r in results) or "CPU" not in device_name
+    write_csv(results, output_dir / "results.csv")
+    write_markdown(results, output_dir / "results.md", args, device_name, device_memory, on_cuda)
+    write_png(results, output_dir / "results.png", on_cuda, f"{args.architecture or args.pretrained} ({device_name})")
+    log_to_tensorboard(results, output_dir)
+    print(markdown_table(results, device_memory, on_cuda))
+    print(f"\nWrote {output_dir / 'results.md'}, results.csv, results.png")
+    return results
+
+
+def cli(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.run_cell:
+        run_cell_in_process(json.loads(Path(args.run_cell).read_text()))
+        return
+    main(args)
+
+
+if __name__ == "__main__":
+    cli()

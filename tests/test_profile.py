@@ -1,0 +1,106 @@
+"""The profile command on tiny architectures: one process per cell through the real trainer, result files whose
+values parse and make sense, and an out-of-memory cell that does not end the matrix."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from diffusers_lowmem import profile
+
+
+def read_markdown_rows(path: Path) -> list[dict[str, str]]:
+    """The result table of `results.md` as dicts keyed by the header."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert set(lines[1].replace("|", "")) == {"-"}
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+@pytest.fixture(scope="module")
+def text_to_image_matrix(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("profile-t2i")
+    argv = [
+        "--task", "text-to-image", "--architecture", "tiny-sd",
+        "--adapters", "lora,lokr", "--quant", "none,nf4",
+        "--steps", "2", "--resolution", "32", "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    return output_dir, profile.main(profile.parse_args(argv))
+
+
+def test_matrix_writes_csv_markdown_png_and_tensorboard(text_to_image_matrix):
+    output_dir, results = text_to_image_matrix
+    labels = [result.label for result in results]
+    assert labels == [
+        "lora / none",
+        "lora / nf4",
+        "lokr / none",
+        "lokr / nf4",
+        "quant only / none",
+        "quant only / nf4",
+    ]
+    assert all(result.status == "ok" for result in results), [(r.label, r.error) for r in results]
+
+    with open(output_dir / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["adapter"], row["quant"]) for row in rows] == [(r.adapter, r.quant) for r in results]
+
+    table = read_markdown_rows(output_dir / "results.md")
+    assert [row["cell"] for row in table] == labels
+    for row in table:
+        peak = float(row["peak (RSS, MiB)"])
+        assert peak > 0 and float(row["after load (RSS, MiB)"]) > 0
+        assert row["peak % of device"].endswith("%")
+    assert (output_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((output_dir / "logs").glob("events.out.tfevents.*"))
+
+
+def test_cells_report_breakdown_steps_and_quantization_savings(text_to_image_matrix):
+    _, results = text_to_image_matrix
+    by_cell = {(r.adapter, r.quant): r for r in results}
+    for adapter in ("lora", "lokr"):
+        unquantized, nf4 = by_cell[(adapter, "none")], by_cell[(adapter, "nf4")]
+        assert nf4.frozen_weights < unquantized.frozen_weights
+        assert nf4.trainable_params == unquantized.trainable_params > 0
+        assert nf4.gradients == nf4.trainable_params_bytes  # fp32 adapters, fp32 gradients
+        # AdamW: two fp32 moments per parameter, plus one 4-byte step counter per parameter tensor.
+        assert 0 <= nf4.optimizer_state - 2 * nf4.trainable_params_bytes < 4 * 1024
+        assert nf4.median_step_seconds > 0
+        assert nf4.peak_rss >= nf4.after_model_load_rss > 0
+    quant_only = by_cell[(profile.QUANT_ONLY, "nf4")]
+    assert quant_only.trainable_params == 0
+    # The same frozen base; the adapter cell adds only LyCORIS' small per-layer buffers (alpha, dtype marker).
+    assert 0 <= by_cell[("lora", "nf4")].frozen_weights - quant_only.frozen_weights < 0.001 * quant_only.frozen_weights
+
+
+def test_a_cell_over_the_memory_cap_is_recorded_as_oom_and_the_matrix_completes(tmp_path):
+    argv = [
+        "--task", "text-to-image", "--architecture", "tiny-sd",
+        "--adapters", "lora", "--quant", "nf4", "--no_quant_only_row",
+        "--steps", "1", "--resolution", "32", "--max_memory", "0.02", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    results = profile.main(profile.parse_args(argv))
+    assert [(r.label, r.status) for r in results] == [("lora / nf4", "oom")]
+    table = read_markdown_rows(tmp_path / "results.md")
+    assert table[0]["status"] == "oom"
+    assert "did not finish" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--adapters", "dora"], "--adapters"),
+        (["--quant", "4bit"], "--quant"),
+        (["--architecture", "llama2-7b"], "causal-lm"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
+def test_bad_arguments_fail_before_any_cell_runs(tmp_path, capsys, argv, message):
+    base = {"--task": "text-to-image", "--architecture": "tiny-sd", "--output_dir": str(tmp_path / "out")}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    with pytest.raises(SystemExit) as error:
+        profile.parse_args([item for pair in base.items() for item in pair])
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
