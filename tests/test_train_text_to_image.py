@@ -244,3 +244,49 @@ def test_module_runs_under_accelerate_launch(tiny_sd_path, tiny_images_path, tmp
     assert (tmp_path / adapters.DIFFUSERS_WEIGHT_NAME).is_file()
     assert (tmp_path / "memory_report.md").is_file()
     assert "Steps" in completed.stderr  # the progress bar
+
+
+def image_tags(output_dir: Path) -> dict[str, int]:
+    counts = {}
+    for events in Path(output_dir, "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"images": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["images"]:
+            counts[tag] = counts.get(tag, 0) + len(accumulator.Images(tag))
+    return counts
+
+
+def test_validation_and_final_test_images_go_to_tensorboard(tiny_sd_path, tiny_images_path, tmp_path):
+    extra = ["--max_train_steps", "8", "--validation_prompt", "a red circle", "--num_validation_images", "2"]
+    extra += ["--validation_epochs", "1", "--adapter", "loha"]
+    run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, *extra))
+    counts = image_tags(tmp_path)
+    # 8 images / batch 2 = 4 steps per epoch: a validation grid after each of the 2 epochs, then one from the test
+    # phase on the adapter reloaded from disk.
+    assert {tag.split("/")[0] for tag in counts} == {"validation", "test"}
+    assert sum(n for tag, n in counts.items() if tag.startswith("validation")) == 2
+    assert sum(n for tag, n in counts.items() if tag.startswith("test")) == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--cache_latents"],
+        ["--snr_gamma", "5.0", "--noise_offset", "0.1"],
+        ["--prediction_type", "v_prediction"],
+        ["--gradient_checkpointing", "--train_text_encoder", "--text_encoder_lr", "1e-4"],
+        ["--use_8bit_adam", "--quant", "nf4"],
+        ["--mixed_precision", "bf16", "--quant", "nf4"],
+        ["--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5", "--lr_scheduler", "cosine", "--scale_lr"],
+        ["--center_crop", "--random_flip", "--image_interpolation_mode", "bicubic", "--max_train_samples", "6"],
+    ],
+    ids=["cache-latents", "snr-noise-offset", "v-prediction", "grad-ckpt-te", "8bit-adam", "bf16", "accum", "data"],
+)
+def test_upstream_training_options_train(options, tiny_sd_path, tiny_images_path, tmp_path):
+    summary = run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, "--max_train_steps", "2", *options))
+    assert summary["global_step"] == 2
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+    weights = load_file(tmp_path / adapters.DIFFUSERS_WEIGHT_NAME)
+    assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in weights.values())
+    changed = [key for key, tensor in weights.items() if key.endswith("lora_up.weight") and tensor.abs().sum() > 0]
+    assert changed, "the adapter did not train"
