@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusers_lowmem.quantization import has_quantized_layers, is_quantized_module, matches_any
+from diffusers_lowmem.quantization import conv1d_to_linear_, has_quantized_layers, matches_any
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +240,6 @@ def _create_module(lycoris_name: str, module: nn.Module, config: AdapterConfig, 
     is_spatial_conv = _is_conv(module) and not _is_pointwise_conv(module)
     rank, alpha = (config.conv_dim, config.conv_scale_alpha) if is_spatial_conv else (config.rank, config.linear_alpha)
     extra = {"factor": config.lokr_factor} if config.algo == "lokr" else {}
-    if bypass_mode is None and is_quantized_module(module):
-        bypass_mode = True
     return module_class(
         lycoris_name,
         module,
@@ -249,7 +247,7 @@ def _create_module(lycoris_name: str, module: nn.Module, config: AdapterConfig, 
         lora_dim=rank,
         alpha=alpha,
         dropout=config.dropout,
-        bypass_mode=bypass_mode if bypass_mode is not None else False,
+        bypass_mode=True if bypass_mode is None else bypass_mode,
         **extra,
     )
 
@@ -285,7 +283,9 @@ def attach_adapter(
         model: UNet, text encoder or causal LM, possibly quantized by `quantization.quantize_model`.
         config: Algorithm and sizes.
         role: One of `ROLES` (key prefix and target preset).
-        bypass_mode: Compute `W x + delta(x)` instead of rebuilding `W + delta`. `None`: on quantized layers only.
+        bypass_mode: Compute `W x + delta(x)` (the default, `None`) instead of rebuilding `W + delta` on every
+            forward. Bypass never materialises a full-size weight for LoRA, works on quantized layers (where LyCORIS
+            cannot rebuild), and is the only mode in which LyCORIS applies dropout to LoHa/LoKr/LoCon.
         sdxl: Use SDXL's `lora_te1_` prefix for the first text encoder.
 
     Returns:
@@ -295,8 +295,6 @@ def attach_adapter(
         raise ValueError(f"Unknown adapter role {role!r}; one of {', '.join(ROLES)}.")
     if config.algo == "locon" and not any(_is_conv(m) and not _is_pointwise_conv(m) for m in model.modules()):
         logger.info(f"locon on {type(model).__name__}, which has no convolutions, is lora.")
-    if bypass_mode is None and has_quantized_layers(model):
-        logger.info(f"{type(model).__name__} is quantized: adapters on its quantized layers run in bypass mode.")
     model.requires_grad_(False)
     prefix = role_prefix(model, role, sdxl)
     targets = find_target_modules(model, role, config)
@@ -474,6 +472,8 @@ def networks_from_weights(target, weights: Mapping[str, torch.Tensor]) -> dict[s
     stored_names = {key.split(".", 1)[0] for key in weights}
     matched, networks = set(), {}
     for role, model in _models_by_role(target).items():
+        if role == "llm":
+            conv1d_to_linear_(model)  # GPT-2's Conv1D layers were adapted as the nn.Linear they equal
         lycoris_modules = []
         for prefix in _candidate_prefixes(model, role):
             for name, module in model.named_modules():
@@ -484,8 +484,7 @@ def networks_from_weights(target, weights: Mapping[str, torch.Tensor]) -> dict[s
                 lycoris_module = make_module(module_class, params, key_name, module)
                 if lycoris_module is None:
                     raise ValueError(f"LyCORIS cannot rebuild the adapter {key_name} from its weights.")
-                if is_quantized_module(module):
-                    lycoris_module.bypass_mode = True
+                lycoris_module.bypass_mode = True  # as trained: outputs reproduce bit for bit
                 matched.add(key_name)
                 lycoris_modules.append(lycoris_module)
         if lycoris_modules:
@@ -527,9 +526,7 @@ def load_adapter(target, path: str | os.PathLike, merge: bool = False, multiplie
         if merge:
             if has_quantized_layers(model):
                 raise ValueError(f"Cannot merge an adapter into the quantized {role}; load it with merge=False.")
-            dtype = next(iter(p for p in model.parameters())).dtype
-            network.to(dtype=dtype)
-            network.merge_to(multiplier)
+            _merge_modules(network, multiplier)
         else:
             _register(model, network)
     logger.info(f"Loaded adapter {resolve_weight_file(path)} into {', '.join(networks)}" + (" (merged)" * merge))
@@ -558,10 +555,27 @@ def merge_adapter(model: nn.Module, multiplier: float = 1.0) -> None:
         raise ValueError(f"{type(model).__name__} has no adapter attached.")
     if has_quantized_layers(model):
         raise ValueError("Cannot merge an adapter into quantized layers.")
-    weight_dtype = next(p for n, p in model.named_parameters() if not n.startswith(ADAPTER_MODULE_NAME)).dtype
     detach_adapter(model)
-    network.to(dtype=weight_dtype)
-    network.merge_to(multiplier)
+    _merge_modules(network, multiplier)
+
+
+@torch.no_grad()
+def _merge_modules(network: nn.Module, multiplier: float) -> None:
+    """Adds each module's update, computed in fp32, into its layer's weight.
+
+    LoCon's `get_diff_weight` is the scaled update; LoHa's and LoKr's `get_weight` already apply the scale, which
+    their `get_diff_weight` (and so LyCORIS' `merge_to`) applies a second time in lycoris-lora 4.1.3.
+    """
+    from lycoris.modules import LoConModule
+
+    for module in network.loras:
+        weight = module.org_module[0].weight
+        if isinstance(module, LoConModule):
+            delta = module.get_diff_weight(multiplier, shape=weight.shape)[0]
+        else:
+            delta = module.get_weight(weight.shape) * multiplier
+        merged = weight.float() + delta.reshape(weight.shape).to(device=weight.device, dtype=torch.float32)
+        weight.copy_(merged.to(weight.dtype))
 
 
 def trainable_parameter_count(config: AdapterConfig, module: nn.Module) -> int:

@@ -154,7 +154,7 @@ def test_save_then_load_reproduces_outputs_exactly(sd_pipeline, input_ids, tmp_p
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_merged_equals_unmerged(sd_pipeline, tmp_path, algo):
-    config = AdapterConfig(algo=algo, rank=4)
+    config = AdapterConfig(algo=algo, rank=4, alpha=2.0, conv_alpha=1.0)  # scales other than 1 must merge right
     network = adapters.attach_adapter(sd_pipeline.unet, config, role="unet")
     randomize_(network, scale=0.02)
     inputs = unet_inputs(sd_pipeline.unet)
@@ -327,3 +327,47 @@ def test_unknown_algorithm_and_bad_rank_raise():
         AdapterConfig(algo="dora")
     with pytest.raises(ValueError, match="rank"):
         AdapterConfig(rank=0)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_merge_adapter_on_a_trained_llm_equals_the_adapted_model(algo):
+    model, _ = tiny.build_tiny_llama(seed=0)
+    network = adapters.attach_adapter(model, AdapterConfig(algo=algo, rank=4, alpha=2.0), role="llm")
+    randomize_(network, scale=0.02)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(input_ids).logits
+    adapters.merge_adapter(model)
+    assert not hasattr(model, adapters.ADAPTER_MODULE_NAME)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, adapted, atol=1e-5, rtol=0)
+
+
+def test_dropout_is_applied_in_training_and_off_in_eval(sd_pipeline):
+    unet = sd_pipeline.unet
+    network = adapters.attach_adapter(unet, AdapterConfig(algo="loha", rank=4, dropout=0.5), role="unet")
+    randomize_(network)
+    inputs = unet_inputs(unet)
+    unet.eval()
+    assert torch.equal(unet_output(unet, inputs), unet_output(unet, inputs))
+    unet.train()
+    torch.manual_seed(0)
+    first = unet_output(unet, inputs)
+    torch.manual_seed(1)
+    assert not torch.equal(first, unet_output(unet, inputs))
+
+
+def test_gpt2_adapter_loads_into_a_fresh_gpt2(tmp_path):
+    model, _ = tiny.build_tiny_gpt2(seed=0)
+    quantization.conv1d_to_linear_(model)
+    config = AdapterConfig(algo="lokr", rank=4)
+    network = adapters.attach_adapter(model, config, role="llm")
+    randomize_(network, scale=0.02)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = model(input_ids).logits
+    adapters.save_adapter(tmp_path / adapters.LYCORIS_WEIGHT_NAME, {"llm": network}, config)
+    fresh, _ = tiny.build_tiny_gpt2(seed=0)  # Conv1D layers, as transformers loads them
+    adapters.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids).logits, trained, atol=1e-5, rtol=1e-5)
