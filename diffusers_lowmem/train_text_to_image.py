@@ -404,6 +404,8 @@ def main(args: argparse.Namespace) -> dict:
     loss = torch.tensor(float("nan"))
     step_seconds, step_started = [], time.perf_counter()
     for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:  # resumed from the last checkpoint: nothing left to train
+            break
         for module in trained_modules:
             module.train()
         train_dataloader.set_epoch(epoch)

@@ -290,3 +290,13 @@ def test_upstream_training_options_train(options, tiny_sd_path, tiny_images_path
     assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in weights.values())
     changed = [key for key, tensor in weights.items() if key.endswith("lora_up.weight") and tensor.abs().sum() > 0]
     assert changed, "the adapter did not train"
+
+
+def test_resuming_at_the_last_step_trains_nothing_more(tiny_sd_path, tiny_images_path, tmp_path):
+    common = ["--max_train_steps", "3", "--checkpointing_steps", "3"]
+    run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, *common))
+    finished = load_file(tmp_path / adapters.DIFFUSERS_WEIGHT_NAME)
+    summary = run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, *common, "--resume_from_checkpoint", "latest"))
+    assert summary["global_step"] == 3
+    resumed = load_file(tmp_path / adapters.DIFFUSERS_WEIGHT_NAME)
+    assert all(torch.equal(finished[key], resumed[key]) for key in finished)
