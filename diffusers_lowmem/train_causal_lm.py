@@ -1,0 +1,541 @@
+"""Fine-tune a causal language model with LyCORIS adapters on a (optionally) quantized frozen base.
+
+A drop-in replacement for transformers' `examples/pytorch/language-modeling/run_clm_no_trainer.py`: every upstream
+flag works the same, plus `--adapter {lora,loha,lokr,locon}`, `--quant {8bit,nf4}`, `--gradient_checkpointing`,
+`--use_8bit_adam` and memory options. Run it as
+
+    accelerate launch -m diffusers_lowmem.train_causal_lm --model_name_or_path PATH \\
+        --train_file train.txt --validation_file validation.txt --adapter lora --quant nf4 --output_dir OUT
+
+OUT then holds `lycoris_weights.safetensors` (all four algorithms; `diffusers_lowmem.load_adapter(model, OUT)`), a
+peft adapter where peft can represent it (`peft.PeftModel.from_pretrained(model, OUT)`), the tokenizer,
+`all_results.json` (perplexity, eval loss), `training_summary.json` and the memory report.
+
+The recipe reads top to bottom like the upstream script; each step is a call into a component.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from diffusers_lowmem import adapters, data, memory, peft_format, quantization, training
+from diffusers_lowmem import args as arg_groups
+
+logger = get_logger(__name__, log_level="INFO")
+
+ARCHITECTURE_PREFIX = arg_groups.ARCHITECTURE_PREFIX
+ALL_RESULTS_NAME = "all_results.json"
+TRACKER_PROJECT_NAME = "clm_no_trainer"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses and validates the command line; every error is raised here, before any model is loaded."""
+    parser = arg_groups.causal_lm_parser()
+    args = parser.parse_args(argv)
+    arg_groups.validate_causal_lm_args(args, parser)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps of the recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def setup_accelerator(args) -> Accelerator:
+    """The run's Accelerator: trackers only with `--with_tracking`, as upstream; TensorBoard under `--logging_dir`."""
+    project_config = None
+    if args.output_dir is not None:
+        logging_dir = Path(args.output_dir, args.logging_dir)
+        project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_config=project_config,
+    )
+    training.configure_logging(accelerator)
+    logger.info(accelerator.state, main_process_only=False)
+    return accelerator
+
+
+def load_raw_datasets(args):
+    """The train and validation text, as upstream (hub dataset or txt/csv/json files), before any model is loaded."""
+    return data.load_text_datasets(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_file=args.train_file,
+        validation_file=args.validation_file,
+        validation_split_percentage=args.validation_split_percentage,
+        cache_dir=None,
+        keep_linebreaks=not args.no_keep_linebreaks,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def load_tokenizer(args):
+    """`--tokenizer_name` or the model's tokenizer; a synthetic one of the right vocabulary for `architecture:NAME`."""
+    if args.model_name_or_path.startswith(ARCHITECTURE_PREFIX) and args.tokenizer_name is None:
+        from diffusers_lowmem import architectures
+
+        return architectures.build_tokenizer(args.model_name_or_path[len(ARCHITECTURE_PREFIX) :])
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        args.tokenizer_name or args.model_name_or_path,
+        use_fast=not args.use_slow_tokenizer,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def load_model(args, weight_dtype: torch.dtype, tokenizer):
+    """The causal LM on the CPU in `weight_dtype` (on the meta device for `architecture:NAME`).
+
+    `--model_name_or_path architecture:NAME` builds a real architecture (e.g. `llama2-7b`) with random weights on
+    the meta device, for memory profiling without a download; it gets its weights on the way to the device.
+    """
+    if args.model_name_or_path.startswith(ARCHITECTURE_PREFIX):
+        from diffusers_lowmem import architectures
+
+        return architectures.build_on_meta(args.model_name_or_path[len(ARCHITECTURE_PREFIX) :], "model")
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        args.config_name or args.model_name_or_path, trust_remote_code=args.trust_remote_code
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path,
+        config=config,
+        torch_dtype=weight_dtype,
+        low_cpu_mem_usage=True,
+        trust_remote_code=args.trust_remote_code,
+    )
+    # As upstream: a tokenizer with more tokens than the embedding gets rows for them (frozen, like the rest).
+    embedding_size = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embedding_size:
+        logger.warning(
+            f"The tokenizer has {len(tokenizer)} tokens and the embedding {embedding_size} rows: resizing. The new "
+            "rows are random and stay frozen; only the adapter is trained."
+        )
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def place_frozen_model(model, args, weight_dtype: torch.dtype, device):
+    """Freezes `model` and moves it to `device`: with `--quant`, quantized layer by layer on the way (the
+    full-precision model is never on the device as a whole); else materialised (meta) and moved.
+
+    Only meta tensors get `weight_dtype` here: a loaded model already has it, and its float32 buffers (rotary
+    frequencies) and `_keep_in_fp32_modules` stay as transformers loaded them. Embeddings, norms and the LM head are
+    not upcast (no `prepare_model_for_kbit_training`).
+
+    Returns:
+        The quantization report, or None without `--quant`.
+    """
+    model.requires_grad_(False)
+    if args.quant:
+        return quantization.quantize_model(
+            model,
+            args.quant,
+            compute_dtype=weight_dtype,
+            skip=args.quant_skip or quantization.DEFAULT_SKIP_CAUSAL_LM,
+            device=device,
+            compute_errors=False,
+            cast_rest=False,
+        )
+    quantization.materialize_meta_(model, device, weight_dtype)
+    model.to(device)
+    return None
+
+
+def attach_adapter(args, model):
+    """A LyCORIS network on every attention and MLP linear layer, in fp32, registered as a child of `model` (so
+    DDP, autocast and accelerate's hooks see it through the model)."""
+    config = arg_groups.adapter_config_from_args(args)
+    network = adapters.attach_adapter(model, config, role="llm")
+    network.to(dtype=torch.float32)  # trainable adapters stay fp32 under fp16/bf16 mixed precision
+    return network
+
+
+def enable_gradient_checkpointing(args, model) -> None:
+    """Recompute each decoder layer in backward. Non-reentrant checkpointing propagates gradients to the adapter
+    parameters inside a layer without the layer's input requiring grad, so `enable_input_require_grads` (needed
+    only by reentrant checkpointing) is not called."""
+    if not args.gradient_checkpointing:
+        return
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_lm_datasets(args, raw_datasets, tokenizer, model, accelerator):
+    """Tokenized text grouped into `--block_size` blocks, labels = inputs (as upstream).
+
+    Raises:
+        ValueError: If a split has fewer tokens than one block.
+    """
+    block_size = data.resolve_block_size(
+        tokenizer, args.block_size, max_position_embeddings=getattr(model.config, "max_position_embeddings", None)
+    )
+    with accelerator.main_process_first():
+        lm_datasets = data.tokenize_and_group(
+            raw_datasets,
+            tokenizer,
+            block_size,
+            num_proc=args.preprocessing_num_workers,
+            overwrite_cache=args.overwrite_cache,
+        )
+    for split in ("train", "validation"):
+        if len(lm_datasets[split]) == 0:
+            raise ValueError(
+                f"The {split} split has fewer than --block_size {block_size} tokens, so it makes no block: lower "
+                "--block_size or add text."
+            )
+    return lm_datasets, block_size
+
+
+def build_dataloaders(args, lm_datasets, seed: int):
+    """A train loader whose order depends only on (seed, epoch), and the evaluation loader (in order)."""
+    train_dataloader = torch.utils.data.DataLoader(
+        lm_datasets["train"],
+        sampler=training.EpochShuffleSampler(len(lm_datasets["train"]), seed),
+        collate_fn=data.causal_lm_collate,
+        batch_size=args.per_device_train_batch_size,
+    )
+    eval_dataloader = torch.utils.data.DataLoader(
+        lm_datasets["validation"], collate_fn=data.causal_lm_collate, batch_size=args.per_device_eval_batch_size
+    )
+    return train_dataloader, eval_dataloader
+
+
+def perplexity_of(eval_loss: float) -> float:
+    """`exp(eval_loss)`, `inf` on overflow, as upstream."""
+    try:
+        return math.exp(eval_loss)
+    except OverflowError:
+        return float("inf")
+
+
+@torch.no_grad()
+def evaluate(model, eval_dataloader, accelerator, per_device_eval_batch_size: int) -> tuple[float, float]:
+    """Upstream's evaluation: the mean over batches of the batch loss, gathered over processes.
+
+    Returns:
+        `(eval_loss, perplexity)`.
+    """
+    model.eval()
+    losses = []
+    for batch in eval_dataloader:
+        loss = model(**batch).loss.detach().float()
+        losses.append(accelerator.gather_for_metrics(loss.repeat(per_device_eval_batch_size)))
+    eval_loss = torch.cat(losses).mean().item()
+    return eval_loss, perplexity_of(eval_loss)
+
+
+def checkpoint_every(args) -> int | str | None:
+    """`--checkpointing_steps` as upstream reads it: an int of steps, `"epoch"`, or None."""
+    value = args.checkpointing_steps
+    if value is not None and value.isdigit():
+        return int(value)
+    return value
+
+
+def save_adapter_weights(args, network, output_dir) -> Path:
+    """The adapter in LyCORIS/kohya format, loadable with `diffusers_lowmem.load_adapter(model, output_dir)`."""
+    return adapters.save_adapter(
+        Path(output_dir) / adapters.LYCORIS_WEIGHT_NAME,
+        {"llm": network},
+        arg_groups.adapter_config_from_args(args),
+        metadata={"base_model": args.model_name_or_path, "quant": args.quant or "none"},
+    )
+
+
+def save_outputs(args, accelerator, network, model, tokenizer, results: dict, conv1d_modules) -> dict:
+    """Adapter (LyCORIS and, where representable, peft), tokenizer and `all_results.json`, as upstream's final save."""
+    output_dir = Path(args.output_dir)
+    weights_path = save_adapter_weights(args, network, output_dir)
+    peft_path = peft_format.save_peft_adapter(
+        output_dir,
+        network,
+        arg_groups.adapter_config_from_args(args),
+        accelerator.unwrap_model(model),
+        base_model_name_or_path=args.model_name_or_path,
+        conv1d_modules=conv1d_modules,
+    )
+    tokenizer.save_pretrained(output_dir)
+    training.write_json(output_dir / ALL_RESULTS_NAME, results)
+    logger.info(
+        f"Saved adapter weights to {weights_path}" + (f" and a peft adapter to {peft_path}" if peft_path else "")
+    )
+    return {"weights": weights_path, "peft": peft_path}
+
+
+def push_to_hub(args) -> None:
+    """Uploads `--output_dir` (without checkpoints) to `--hub_model_id`, as upstream's `--push_to_hub`."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).absolute().name, exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=[f"{training.CHECKPOINT_PREFIX}-*", "*.partial", f"{args.logging_dir}/*"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Trains and returns a summary (global step, final loss, perplexity, output paths)."""
+    accelerator = setup_accelerator(args)
+    if accelerator.is_main_process and args.output_dir is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+    checkpoint_root = args.output_dir or "."  # upstream writes checkpoints to the working directory without one
+    seed = training.resolve_seed(args.seed)
+    resume_path = training.resolve_resume_checkpoint(checkpoint_root, args.resume_from_checkpoint)
+    if resume_path is not None and args.seed is None:
+        seed = training.read_training_state(resume_path).get("seed", seed)
+    training.seed_step(seed, -2)
+    weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
+    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
+
+    # Data first, as upstream: a bad file fails before the model is loaded.
+    raw_datasets = load_raw_datasets(args)
+
+    # Load the frozen base: quantized layer by layer on the way to the device with --quant.
+    tokenizer = load_tokenizer(args)
+    model = load_model(args, weight_dtype, tokenizer)
+    conv1d_modules = quantization.conv1d_to_linear_(model)  # GPT-2's Conv1D projections become nn.Linear
+    quant_report = place_frozen_model(model, args, weight_dtype, accelerator.device)
+    model.config.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
+    tracker.watch(models=[model])
+    tracker.milestone("after_model_load")
+
+    network = attach_adapter(args, model)
+    enable_gradient_checkpointing(args, model)
+    tracker.watch(models=[model])
+    tracker.milestone("after_adapter")
+
+    lm_datasets, block_size = build_lm_datasets(args, raw_datasets, tokenizer, model, accelerator)
+    train_dataloader, eval_dataloader = build_dataloaders(args, lm_datasets, seed)
+
+    # Optimizer and schedule, as upstream (the adapter has no bias or norm weights to exempt from weight decay).
+    trainable = training.trainable_parameters(network)
+    optimizer = training.create_optimizer(
+        [{"params": trainable, "weight_decay": args.weight_decay}],
+        args.learning_rate,
+        betas=(0.9, 0.999),
+        weight_decay=args.weight_decay,
+        eps=1e-8,
+        use_8bit_adam=args.use_8bit_adam,
+    )
+    updates_per_epoch = training.num_update_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * updates_per_epoch
+    lr_scheduler = training.create_lr_scheduler(
+        args.lr_scheduler_type, optimizer, args.num_warmup_steps, max_train_steps, accelerator.num_processes
+    )
+
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    )
+    # The prepared loader is sharded across processes: recompute the schedule from its length, as upstream does.
+    num_batches = len(train_dataloader)
+    updates_per_epoch = training.num_update_steps_per_epoch(num_batches, args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        max_train_steps = args.num_train_epochs * updates_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    training.register_adapter_checkpoint_hooks(
+        accelerator,
+        save_adapter_to=lambda directory: save_adapter_weights(args, network, directory),
+        load_adapter_from=lambda directory: adapters.load_adapter_weights(
+            {"llm": network}, Path(directory) / adapters.LYCORIS_WEIGHT_NAME
+        ),
+    )
+    tracker.watch(models=[model], optimizer=optimizer)
+    if args.with_tracking:
+        accelerator.init_trackers(TRACKER_PROJECT_NAME, config=training.tracker_config(args))
+
+    # Resume.
+    global_step, first_epoch, resume_batch = 0, 0, 0
+    if resume_path is not None:
+        state = training.load_checkpoint(accelerator, resume_path)
+        global_step = state["global_step"]
+        first_epoch, updates_into_epoch = divmod(global_step, updates_per_epoch)
+        resume_batch = updates_into_epoch * args.gradient_accumulation_steps
+        logger.info(f"Resumed from {resume_path} at step {global_step} (epoch {first_epoch}).")
+
+    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    training.log_run_summary(
+        logger,
+        num_examples=len(lm_datasets["train"]),
+        num_epochs=num_train_epochs,
+        batch_size=args.per_device_train_batch_size,
+        total_batch_size=total_batch_size,
+        accumulation=args.gradient_accumulation_steps,
+        max_steps=max_train_steps,
+        block_size=block_size,
+        adapter=args.adapter,
+        quantization=args.quant or "none",
+        trainable_parameters=f"{sum(p.numel() for p in trainable):,}",
+    )
+
+    checkpointing = checkpoint_every(args)
+    progress_bar = tqdm(
+        range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    first_step_of_run = global_step + 1
+    loss = torch.tensor(float("nan"))
+    eval_loss, perplexity = float("nan"), float("nan")
+    step_seconds, step_started = [], time.perf_counter()
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:  # resumed from the last checkpoint: nothing left to train
+            break
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and resume_batch:
+            batches = accelerator.skip_first_batches(train_dataloader, resume_batch)
+        total_loss = torch.zeros((), device=accelerator.device)
+        for batch_index, batch in enumerate(batches, start=resume_batch if epoch == first_epoch else 0):
+            # Dropout of this micro-batch depends on (seed, epoch, batch) only, so a resumed run draws the same.
+            training.seed_step(seed, epoch * num_batches + batch_index)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                total_loss += loss.detach().float()
+                accelerator.backward(loss)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if not accelerator.sync_gradients:
+                continue
+            progress_bar.update(1)
+            global_step += 1
+            step_seconds.append(training.elapsed_since(step_started, accelerator.device))
+            step_started = time.perf_counter()
+            if global_step == first_step_of_run:
+                tracker.milestone("after_first_step", step=global_step)
+            tracker.log_step(global_step)
+            step_loss, learning_rate = loss.detach().item(), lr_scheduler.get_last_lr()[0]
+            accelerator.log({"step_loss": step_loss, "lr": learning_rate}, step=global_step)
+            progress_bar.set_postfix(loss=step_loss, lr=learning_rate)
+            if isinstance(checkpointing, int) and global_step % checkpointing == 0:
+                training.save_checkpoint(
+                    accelerator, checkpoint_root, global_step, {"seed": seed}, args.checkpoints_total_limit
+                )
+            if global_step >= max_train_steps:
+                break
+
+        eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
+        logger.info(f"epoch {epoch}: perplexity: {perplexity} eval_loss: {eval_loss}")
+        accelerator.log(
+            {
+                "perplexity": perplexity,
+                "eval_loss": eval_loss,
+                "train_loss": total_loss.item() / num_batches,
+                "epoch": epoch,
+                "step": global_step,
+            },
+            step=global_step,
+        )
+        if checkpointing == arg_groups.CHECKPOINT_EVERY_EPOCH:
+            training.save_checkpoint(
+                accelerator, checkpoint_root, global_step, {"seed": seed}, args.checkpoints_total_limit
+            )
+        if global_step >= max_train_steps:
+            break
+
+    if math.isnan(eval_loss):
+        # No epoch ran (`--max_train_steps 0`, or resumed at the end): the results still give the model's perplexity.
+        eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
+
+    # Save: the adapter (LyCORIS and peft formats), tokenizer, results and the memory report.
+    accelerator.wait_for_everyone()
+    results = {"perplexity": perplexity, "eval_loss": eval_loss}
+    summary = {
+        "global_step": global_step,
+        "loss": float(loss.detach().item()),
+        **results,
+        "weights": None,
+        "peft": None,
+    }
+    if accelerator.is_main_process and args.output_dir is not None:
+        quant_summary = {"llm": quant_report.to_dict()} if quant_report is not None else {}
+        summary.update(save_outputs(args, accelerator, network, model, tokenizer, results, conv1d_modules))
+        tracker.write_report(args.output_dir, extra={"quantization": quant_summary} if quant_summary else None)
+        training.write_json(
+            Path(args.output_dir) / training.TRAINING_SUMMARY_NAME,
+            {
+                "global_step": global_step,
+                "final_loss": summary["loss"],
+                "step_seconds": step_seconds,
+                **results,
+                "quantization": quant_summary,
+            },
+        )
+        logger.info("Memory:\n" + tracker.summary_table())
+        if args.push_to_hub:
+            push_to_hub(args)
+    accelerator.end_training()
+    return summary
+
+
+def measure_frozen_base(args: argparse.Namespace) -> dict:
+    """The "quantization only" row of the memory study: load and quantize the frozen base, run one forward pass of
+    `--per_device_train_batch_size` x `--block_size` random tokens, and write the memory report, with no adapter
+    and no optimizer."""
+    accelerator = setup_accelerator(args)
+    if args.output_dir is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
+    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=1)
+    if args.with_tracking:
+        accelerator.init_trackers(TRACKER_PROJECT_NAME, config=training.tracker_config(args))
+    tokenizer = load_tokenizer(args)
+    model = load_model(args, weight_dtype, tokenizer)
+    quantization.conv1d_to_linear_(model)
+    place_frozen_model(model, args, weight_dtype, accelerator.device)
+    model.config.use_cache = False
+    tracker.watch(models=[model])
+    tracker.milestone("after_model_load")
+    block_size = data.resolve_block_size(
+        tokenizer, args.block_size, max_position_embeddings=getattr(model.config, "max_position_embeddings", None)
+    )
+    generator = torch.Generator().manual_seed(training.resolve_seed(args.seed))
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    input_ids = torch.randint(0, vocab_size, (args.per_device_train_batch_size, block_size), generator=generator)
+    with torch.no_grad(), accelerator.autocast():
+        model(input_ids=input_ids.to(accelerator.device))
+    tracker.milestone("after_first_step", step=1)
+    tracker.log_step(1)
+    if accelerator.is_main_process and args.output_dir is not None:
+        tracker.write_report(args.output_dir)
+    accelerator.end_training()
+    return tracker.report()
+
+
+def cli() -> None:
+    main(parse_args(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()
