@@ -81,6 +81,7 @@ def text_to_image_parser() -> argparse.ArgumentParser:
     add_adapter_args(parser)
     add_quantization_args(parser)
     add_memory_args(parser, text_to_image=True)
+    add_reliability_args(parser)
     return parser
 
 
@@ -98,6 +99,7 @@ def causal_lm_parser() -> argparse.ArgumentParser:
     add_adapter_args(parser)
     add_quantization_args(parser)
     add_memory_args(parser)
+    add_reliability_args(parser)
     return parser
 
 
@@ -729,6 +731,21 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
             help="Encode every training image with the VAE once before training, then move the VAE off the device:"
             " saves the VAE's memory and encoder time per step (fixes random crops and flips to one draw per image).",
         )
+
+
+def add_reliability_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the `Reliability` group shared by both trainers: what a non-finite loss does.
+
+    Args:
+        parser: The parser to extend.
+    """
+    group = parser.add_argument_group("Reliability")
+    group.add_argument(
+        "--skip_nonfinite_loss",
+        action="store_true",
+        help="Skip an update whose loss is NaN or inf (with a warning) instead of stopping the run. Without it a "
+        "non-finite loss stops training with the step and the last good checkpoint named.",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -403,58 +403,70 @@ def main(args: argparse.Namespace) -> dict:
     first_step_of_run = global_step + 1
     loss = torch.tensor(float("nan"))
     step_seconds, step_started = [], time.perf_counter()
-    for epoch in range(first_epoch, num_train_epochs):
-        if global_step >= max_train_steps:  # resumed from the last checkpoint: nothing left to train
-            break
-        for module in trained_modules:
-            module.train()
-        train_dataloader.set_epoch(epoch)
-        if isinstance(train_dataset, training.PerSampleSeedDataset):
-            train_dataset.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and resume_batch:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batch)
-        train_loss = 0.0
-        for batch_index, batch in enumerate(batches, start=resume_batch if epoch == first_epoch else 0):
-            # Noise, timesteps and dropout of this micro-batch depend on (seed, epoch, batch) only.
-            training.seed_step(seed, epoch * num_batches + batch_index)
-            with accelerator.accumulate(*trained_modules):
-                loss = compute_loss(args, batch, unet, text_encoder, vae, noise_scheduler, weight_dtype)
-                avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean()
-                train_loss += avg_loss.item() / args.gradient_accumulation_steps
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                if accelerator.sync_gradients and global_step + 1 == first_step_of_run:
-                    # Before zero_grad: gradients and the new optimizer state are both held here.
-                    tracker.milestone("after_first_step", step=global_step + 1)
-                optimizer.zero_grad()
-
-            if not accelerator.sync_gradients:
-                continue
-            progress_bar.update(1)
-            global_step += 1
-            step_seconds.append(training.elapsed_since(step_started, accelerator.device))
-            step_started = time.perf_counter()
-            tracker.log_step(global_step)
-            accelerator.log({"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-            progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
-            train_loss = 0.0
-            if global_step % args.checkpointing_steps == 0:
-                training.save_checkpoint(
-                    accelerator, args.output_dir, global_step, {"seed": seed}, args.checkpoints_total_limit
-                )
-            if global_step >= max_train_steps:
+    stopped_by = None
+    with training.StopSignals() as stop_signals, training.out_of_memory_guard(tracker, args.output_dir, True):
+        for epoch in range(first_epoch, num_train_epochs):
+            if global_step >= max_train_steps or stopped_by:  # e.g. resumed from the last checkpoint
                 break
+            for module in trained_modules:
+                module.train()
+            train_dataloader.set_epoch(epoch)
+            if isinstance(train_dataset, training.PerSampleSeedDataset):
+                train_dataset.set_epoch(epoch)
+            batches = train_dataloader
+            if epoch == first_epoch and resume_batch:
+                batches = accelerator.skip_first_batches(train_dataloader, resume_batch)
+            train_loss = 0.0
+            for batch_index, batch in enumerate(batches, start=resume_batch if epoch == first_epoch else 0):
+                # Noise, timesteps and dropout of this micro-batch depend on (seed, epoch, batch) only.
+                training.seed_step(seed, epoch * num_batches + batch_index)
+                with accelerator.accumulate(*trained_modules):
+                    loss = compute_loss(args, batch, unet, text_encoder, vae, noise_scheduler, weight_dtype)
+                    if not training.loss_is_finite(loss, accelerator):
+                        if not args.skip_nonfinite_loss:
+                            raise training.nonfinite_loss_error(loss, global_step, args.output_dir)
+                        logger.warning(f"Skipping a batch of step {global_step + 1}: the loss is {loss.item()}.")
+                        optimizer.zero_grad()
+                        continue
+                    avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean()
+                    train_loss += avg_loss.item() / args.gradient_accumulation_steps
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    if accelerator.sync_gradients and global_step + 1 == first_step_of_run:
+                        # Before zero_grad: gradients and the new optimizer state are both held here.
+                        tracker.milestone("after_first_step", step=global_step + 1)
+                    optimizer.zero_grad()
 
-        if accelerator.is_main_process and args.validation_prompt and (epoch + 1) % args.validation_epochs == 0:
-            pipeline = _pipeline_for_validation(args, accelerator, unet, text_encoder, vae, weight_dtype)
-            log_validation(pipeline, args, accelerator, epoch)
-            del pipeline
-        if global_step >= max_train_steps:
-            break
+                if not accelerator.sync_gradients:
+                    continue
+                progress_bar.update(1)
+                global_step += 1
+                step_seconds.append(training.elapsed_since(step_started, accelerator.device))
+                step_started = time.perf_counter()
+                tracker.log_step(global_step)
+                accelerator.log({"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+                progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
+                train_loss = 0.0
+                if global_step % args.checkpointing_steps == 0:
+                    training.save_checkpoint(
+                        accelerator, args.output_dir, global_step, {"seed": seed}, args.checkpoints_total_limit
+                    )
+                if stop_signals.requested(accelerator):
+                    stopped_by = stop_signals.received or "a stop signal on another process"
+                if global_step >= max_train_steps or stopped_by:
+                    break
+
+            validation_due = args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and not stopped_by
+            if accelerator.is_main_process and validation_due:
+                pipeline = _pipeline_for_validation(args, accelerator, unet, text_encoder, vae, weight_dtype)
+                log_validation(pipeline, args, accelerator, epoch)
+                del pipeline
+
+    if stopped_by:
+        return stop_with_checkpoint(args, accelerator, tracker, global_step, seed, stopped_by)
 
     # Save: the adapter in kohya/LyCORIS format, and the memory report.
     accelerator.wait_for_everyone()
@@ -479,6 +491,22 @@ def main(args: argparse.Namespace) -> dict:
             run_final_test(args, accelerator, weight_dtype)
     accelerator.end_training()
     return {"global_step": global_step, "loss": float(loss.detach().item()), "weights": weights_path}
+
+
+def stop_with_checkpoint(args, accelerator, tracker, global_step: int, seed: int, stopped_by: str) -> dict:
+    """Ends a run that received SIGTERM/SIGINT: a checkpoint of the current step, the memory report, a message."""
+    path = training.checkpoint_dir(args.output_dir, global_step)
+    if path not in training.list_checkpoints(args.output_dir):
+        path = training.save_checkpoint(
+            accelerator, args.output_dir, global_step, {"seed": seed}, args.checkpoints_total_limit
+        )
+    if accelerator.is_main_process:
+        tracker.write_report(args.output_dir)
+    logger.info(
+        f"Stopped by {stopped_by} at step {global_step}; saved {path}. Continue with --resume_from_checkpoint latest."
+    )
+    accelerator.end_training()
+    return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
 
 def measure_frozen_base(args: argparse.Namespace) -> dict:

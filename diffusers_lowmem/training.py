@@ -16,7 +16,10 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +341,96 @@ def elapsed_since(started: float, device) -> float:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reliability: stop signals, non-finite losses, out-of-memory
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request that the training loop honours at the next optimizer step.
+
+    Use as a context manager around the loop; the previous handlers come back on exit. The loop saves a checkpoint
+    and ends cleanly instead of dying mid-step (preemptible machines send SIGTERM before they kill).
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        logger.warning(f"Received {self.received}: stopping after this step with a checkpoint.")
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process received a stop signal (every process must call this at the same step)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+def loss_is_finite(loss: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process (all processes skip or stop together)."""
+    flag = torch.isfinite(loss.detach().float()).all().float().reshape(1)
+    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+def nonfinite_loss_error(loss: torch.Tensor, global_step: int, output_dir) -> NonFiniteLossError:
+    """The error to raise for a non-finite loss at update `global_step + 1`."""
+    checkpoints = list_checkpoints(output_dir)
+    last_good = str(checkpoints[-1]) if checkpoints else "none yet"
+    return NonFiniteLossError(
+        f"The loss is {loss.detach().float().item()} at step {global_step + 1}. Last good checkpoint: {last_good}. "
+        "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or pass --skip_nonfinite_loss to skip "
+        "such steps."
+    )
+
+
+def out_of_memory_message(peak_bytes: int | None, device, text_to_image: bool) -> str:
+    """What to tell a user whose run ran out of device memory."""
+    peak = f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else "unknown"
+    hints = ["--gradient_checkpointing", "--quant nf4", "a smaller --train_batch_size or --resolution"]
+    if text_to_image:
+        hints.append("--cache_latents")
+    else:
+        hints[2] = "a smaller --per_device_train_batch_size or --block_size"
+    return (
+        f"Out of memory on {device} (peak allocated {peak}); memory_report.json holds the memory up to this point. "
+        f"Try {', '.join(hints)}."
+    )
+
+
+@contextmanager
+def out_of_memory_guard(tracker, output_dir, text_to_image: bool):
+    """Turns a device out-of-memory error into the memory report so far and a message that says what to try.
+
+    Raises:
+        SystemExit: With the message (exit status 1) after an out-of-memory error.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        peak = None
+        if torch.device(tracker.device).type == "cuda":
+            peak = torch.cuda.max_memory_allocated(tracker.device)
+            torch.cuda.empty_cache()
+        tracker.write_report(output_dir, extra={"out_of_memory": str(error).splitlines()[0]})
+        message = out_of_memory_message(peak, tracker.device, text_to_image)
+        logger.error(message)
+        raise SystemExit(message) from error

@@ -300,3 +300,51 @@ def test_resuming_at_the_last_step_trains_nothing_more(tiny_sd_path, tiny_images
     assert summary["global_step"] == 3
     resumed = load_file(tmp_path / adapters.DIFFUSERS_WEIGHT_NAME)
     assert all(torch.equal(finished[key], resumed[key]) for key in finished)
+
+
+def test_a_nonfinite_loss_stops_with_the_step_and_last_checkpoint(tiny_sd_path, tiny_images_path, tmp_path):
+    from diffusers_lowmem.training import NonFiniteLossError
+
+    # An absurd learning rate overflows the adapter after its first updates.
+    extra = ["--max_train_steps", "8", "--learning_rate", "1e30", "--checkpointing_steps", "1", "--adapter", "lora"]
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+)\. Last good checkpoint: .*checkpoint-\d+"):
+        run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, *extra))
+    assert not (tmp_path / adapters.DIFFUSERS_WEIGHT_NAME).exists()
+    for checkpoint in list_checkpoints(tmp_path):
+        weights = load_file(checkpoint / adapters.DIFFUSERS_WEIGHT_NAME)
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values()), checkpoint
+
+
+def test_skip_nonfinite_loss_finishes_with_a_finite_adapter(tiny_sd_path, tiny_images_path, tmp_path, caplog):
+    extra = ["--max_train_steps", "6", "--learning_rate", "1e30", "--skip_nonfinite_loss", "--adapter", "lora"]
+    with caplog.at_level("WARNING"):
+        run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, *extra))
+    assert "Skipping a batch" in caplog.text
+    weights = load_file(tmp_path / adapters.DIFFUSERS_WEIGHT_NAME)
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_sd_path, tiny_images_path, tmp_path):
+    import signal
+    import time
+
+    argv = train_argv(tiny_sd_path, tiny_images_path, tmp_path, "--max_train_steps", "100000", "--adapter", "lokr")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffusers_lowmem.train_text_to_image", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(Path(tmp_path, "logs").rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # trackers start right before the first step
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-2000:]
+    checkpoints = list_checkpoints(tmp_path)
+    assert len(checkpoints) == 1
+    assert f"Stopped by SIGTERM at step {checkpoints[0].name.split('-')[1]}; saved {checkpoints[0]}" in output
+    assert (checkpoints[0] / adapters.DIFFUSERS_WEIGHT_NAME).is_file()
