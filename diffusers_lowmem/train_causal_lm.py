@@ -406,63 +406,86 @@ def main(args: argparse.Namespace) -> dict:
     loss = torch.tensor(float("nan"))
     eval_loss, perplexity = float("nan"), float("nan")
     step_seconds, step_started = [], time.perf_counter()
-    for epoch in range(first_epoch, num_train_epochs):
-        if global_step >= max_train_steps:  # resumed from the last checkpoint: nothing left to train
-            break
-        model.train()
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and resume_batch:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batch)
-        total_loss = torch.zeros((), device=accelerator.device)
-        for batch_index, batch in enumerate(batches, start=resume_batch if epoch == first_epoch else 0):
-            # Dropout of this micro-batch depends on (seed, epoch, batch) only, so a resumed run draws the same.
-            training.seed_step(seed, epoch * num_batches + batch_index)
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                total_loss += loss.detach().float()
-                accelerator.backward(loss)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+    stopped_by = None
+    with training.StopSignals() as stop_signals, training.out_of_memory_guard(tracker, args.output_dir, False):
+        for epoch in range(first_epoch, num_train_epochs):
+            if global_step >= max_train_steps or stopped_by:  # e.g. resumed from the last checkpoint
+                break
+            model.train()
+            train_dataloader.set_epoch(epoch)
+            batches = train_dataloader
+            if epoch == first_epoch and resume_batch:
+                batches = accelerator.skip_first_batches(train_dataloader, resume_batch)
+            total_loss = torch.zeros((), device=accelerator.device)
+            for batch_index, batch in enumerate(batches, start=resume_batch if epoch == first_epoch else 0):
+                # Dropout of this micro-batch depends on (seed, epoch, batch) only, so a resumed run draws the same.
+                training.seed_step(seed, epoch * num_batches + batch_index)
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    if not training.loss_is_finite(loss, accelerator):
+                        if not args.skip_nonfinite_loss:
+                            raise training.nonfinite_loss_error(loss, global_step, checkpoint_root)
+                        logger.warning(f"Skipping a batch of step {global_step + 1}: the loss is {loss.item()}.")
+                        optimizer.zero_grad()
+                        continue
+                    total_loss += loss.detach().float()
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    if accelerator.sync_gradients and global_step + 1 == first_step_of_run:
+                        # Before zero_grad: gradients and the new optimizer state are both held here.
+                        tracker.milestone("after_first_step", step=global_step + 1)
+                    optimizer.zero_grad()
 
-            if not accelerator.sync_gradients:
-                continue
-            progress_bar.update(1)
-            global_step += 1
-            step_seconds.append(training.elapsed_since(step_started, accelerator.device))
-            step_started = time.perf_counter()
-            if global_step == first_step_of_run:
-                tracker.milestone("after_first_step", step=global_step)
-            tracker.log_step(global_step)
-            step_loss, learning_rate = loss.detach().item(), lr_scheduler.get_last_lr()[0]
-            accelerator.log({"step_loss": step_loss, "lr": learning_rate}, step=global_step)
-            progress_bar.set_postfix(loss=step_loss, lr=learning_rate)
-            if isinstance(checkpointing, int) and global_step % checkpointing == 0:
+                if not accelerator.sync_gradients:
+                    continue
+                progress_bar.update(1)
+                global_step += 1
+                step_seconds.append(training.elapsed_since(step_started, accelerator.device))
+                step_started = time.perf_counter()
+                tracker.log_step(global_step)
+                step_loss, learning_rate = loss.detach().item(), lr_scheduler.get_last_lr()[0]
+                accelerator.log({"step_loss": step_loss, "lr": learning_rate}, step=global_step)
+                progress_bar.set_postfix(loss=step_loss, lr=learning_rate)
+                if isinstance(checkpointing, int) and global_step % checkpointing == 0:
+                    training.save_checkpoint(
+                        accelerator, checkpoint_root, global_step, {"seed": seed}, args.checkpoints_total_limit
+                    )
+                if stop_signals.requested(accelerator):
+                    stopped_by = stop_signals.received or "a stop signal on another process"
+                if global_step >= max_train_steps or stopped_by:
+                    break
+            if stopped_by:
+                break
+
+            eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
+            logger.info(f"epoch {epoch}: perplexity: {perplexity} eval_loss: {eval_loss}")
+            accelerator.log(
+                {
+                    "perplexity": perplexity,
+                    "eval_loss": eval_loss,
+                    "train_loss": total_loss.item() / num_batches,
+                    "epoch": epoch,
+                    "step": global_step,
+                },
+                step=global_step,
+            )
+            if checkpointing == arg_groups.CHECKPOINT_EVERY_EPOCH:
                 training.save_checkpoint(
                     accelerator, checkpoint_root, global_step, {"seed": seed}, args.checkpoints_total_limit
                 )
-            if global_step >= max_train_steps:
-                break
 
-        eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
-        logger.info(f"epoch {epoch}: perplexity: {perplexity} eval_loss: {eval_loss}")
-        accelerator.log(
-            {
-                "perplexity": perplexity,
-                "eval_loss": eval_loss,
-                "train_loss": total_loss.item() / num_batches,
-                "epoch": epoch,
-                "step": global_step,
-            },
-            step=global_step,
+    if stopped_by:
+        path = training.stop_with_checkpoint(
+            accelerator,
+            tracker,
+            checkpoint_root,
+            global_step,
+            {"seed": seed},
+            args.checkpoints_total_limit,
+            stopped_by,
         )
-        if checkpointing == arg_groups.CHECKPOINT_EVERY_EPOCH:
-            training.save_checkpoint(
-                accelerator, checkpoint_root, global_step, {"seed": seed}, args.checkpoints_total_limit
-            )
-        if global_step >= max_train_steps:
-            break
+        return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
     if math.isnan(eval_loss):
         # No epoch ran (`--max_train_steps 0`, or resumed at the end): the results still give the model's perplexity.

@@ -466,7 +466,16 @@ def main(args: argparse.Namespace) -> dict:
                 del pipeline
 
     if stopped_by:
-        return stop_with_checkpoint(args, accelerator, tracker, global_step, seed, stopped_by)
+        path = training.stop_with_checkpoint(
+            accelerator,
+            tracker,
+            args.output_dir,
+            global_step,
+            {"seed": seed},
+            args.checkpoints_total_limit,
+            stopped_by,
+        )
+        return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
     # Save: the adapter in kohya/LyCORIS format, and the memory report.
     accelerator.wait_for_everyone()
@@ -491,22 +500,6 @@ def main(args: argparse.Namespace) -> dict:
             run_final_test(args, accelerator, weight_dtype)
     accelerator.end_training()
     return {"global_step": global_step, "loss": float(loss.detach().item()), "weights": weights_path}
-
-
-def stop_with_checkpoint(args, accelerator, tracker, global_step: int, seed: int, stopped_by: str) -> dict:
-    """Ends a run that received SIGTERM/SIGINT: a checkpoint of the current step, the memory report, a message."""
-    path = training.checkpoint_dir(args.output_dir, global_step)
-    if path not in training.list_checkpoints(args.output_dir):
-        path = training.save_checkpoint(
-            accelerator, args.output_dir, global_step, {"seed": seed}, args.checkpoints_total_limit
-        )
-    if accelerator.is_main_process:
-        tracker.write_report(args.output_dir)
-    logger.info(
-        f"Stopped by {stopped_by} at step {global_step}; saved {path}. Continue with --resume_from_checkpoint latest."
-    )
-    accelerator.end_training()
-    return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
 
 def measure_frozen_base(args: argparse.Namespace) -> dict:

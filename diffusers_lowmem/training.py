@@ -434,3 +434,20 @@ def out_of_memory_guard(tracker, output_dir, text_to_image: bool):
         message = out_of_memory_message(peak, tracker.device, text_to_image)
         logger.error(message)
         raise SystemExit(message) from error
+
+
+def stop_with_checkpoint(accelerator, tracker, output_dir, global_step: int, training_state: dict, total_limit, by):
+    """Ends a run stopped by a signal: a checkpoint of the current step (unless one exists), the memory report, and
+    a message that names the checkpoint. Call on every process.
+
+    Returns:
+        The checkpoint directory.
+    """
+    path = checkpoint_dir(output_dir, global_step)
+    if path not in list_checkpoints(output_dir):
+        path = save_checkpoint(accelerator, output_dir, global_step, training_state, total_limit)
+    if accelerator.is_main_process:
+        tracker.write_report(output_dir)
+    logger.info(f"Stopped by {by} at step {global_step}; saved {path}. Continue with --resume_from_checkpoint latest.")
+    accelerator.end_training()
+    return path

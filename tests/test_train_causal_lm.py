@@ -326,3 +326,44 @@ def test_module_runs_under_accelerate_launch(tiny_gpt2_path, tiny_text_path, tmp
     assert (tmp_path / "memory_report.md").is_file()
     assert math.isfinite(json.loads((tmp_path / "all_results.json").read_text())["perplexity"])
     assert "Steps" in completed.stderr  # the progress bar
+
+
+def test_a_nonfinite_loss_stops_with_the_step_and_last_checkpoint(tiny_llama_path, tiny_text_path, tmp_path):
+    from diffusers_lowmem.training import NonFiniteLossError
+
+    extra = ["--max_train_steps", "8", "--learning_rate", "1e30", "--checkpointing_steps", "1"]
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+\. Last good checkpoint: "):
+        run(train_argv(tiny_llama_path, tiny_text_path, tmp_path, *extra))
+    assert not (tmp_path / adapters.LYCORIS_WEIGHT_NAME).exists()
+
+
+def test_skip_nonfinite_loss_finishes_with_a_finite_adapter(tiny_llama_path, tiny_text_path, tmp_path):
+    extra = ["--max_train_steps", "6", "--learning_rate", "1e30", "--skip_nonfinite_loss"]
+    run(train_argv(tiny_llama_path, tiny_text_path, tmp_path, *extra))
+    weights = load_file(tmp_path / adapters.LYCORIS_WEIGHT_NAME)
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_llama_path, tiny_text_path, tmp_path):
+    import signal
+    import time
+
+    argv = train_argv(tiny_llama_path, tiny_text_path, tmp_path, "--max_train_steps", "100000", "--with_tracking")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffusers_lowmem.train_causal_lm", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(Path(tmp_path).rglob("events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-2000:]
+    checkpoints = list_checkpoints(tmp_path)
+    assert len(checkpoints) == 1
+    assert f"Stopped by SIGTERM at step {checkpoints[0].name.split('-')[1]}; saved {checkpoints[0]}" in output
