@@ -493,6 +493,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # Save: the adapter (LyCORIS and peft formats), tokenizer, results and the memory report.
     accelerator.wait_for_everyone()
+    training.verify_identical_across_processes(accelerator, trainable)
     results = {"perplexity": perplexity, "eval_loss": eval_loss}
     summary = {
         "global_step": global_step,

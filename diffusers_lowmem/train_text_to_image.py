@@ -479,6 +479,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # Save: the adapter in kohya/LyCORIS format, and the memory report.
     accelerator.wait_for_everyone()
+    training.verify_identical_across_processes(accelerator, params_to_clip)
     weights_path = None
     if accelerator.is_main_process:
         weights_path = save_adapter_weights(args, networks, args.output_dir)

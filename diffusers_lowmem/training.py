@@ -451,3 +451,27 @@ def stop_with_checkpoint(accelerator, tracker, output_dir, global_step: int, tra
     logger.info(f"Stopped by {by} at step {global_step}; saved {path}. Continue with --resume_from_checkpoint latest.")
     accelerator.end_training()
     return path
+
+
+def verify_identical_across_processes(accelerator, parameters) -> float:
+    """Checks that the trained parameters are the same on every process (data-parallel replicas must not drift).
+
+    Each process reduces its parameters to a float64 fingerprint (weighted sums that differ when any value
+    differs in practice); the fingerprints are gathered and compared. Call on every process.
+
+    Returns:
+        The fingerprint.
+
+    Raises:
+        RuntimeError: If two processes hold different parameters.
+    """
+    fingerprint = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for index, parameter in enumerate(parameters):
+        values = parameter.detach().to(torch.float64)
+        fingerprint += (index + 1) * values.sum() + values.square().sum()
+    gathered = accelerator.gather(fingerprint.reshape(1))
+    if not torch.all(gathered == gathered[0]):
+        raise RuntimeError(f"The adapters differ between processes after training (fingerprints {gathered.tolist()}).")
+    if accelerator.num_processes > 1:
+        logger.info(f"Adapter weights identical on all {accelerator.num_processes} processes ({fingerprint.item():.9e}).")
+    return float(fingerprint.item())
