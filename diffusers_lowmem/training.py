@@ -473,5 +473,7 @@ def verify_identical_across_processes(accelerator, parameters) -> float:
     if not torch.all(gathered == gathered[0]):
         raise RuntimeError(f"The adapters differ between processes after training (fingerprints {gathered.tolist()}).")
     if accelerator.num_processes > 1:
-        logger.info(f"Adapter weights identical on all {accelerator.num_processes} processes ({fingerprint.item():.9e}).")
+        logger.info(
+            f"Adapter weights identical on all {accelerator.num_processes} processes ({fingerprint.item():.9e})."
+        )
     return float(fingerprint.item())
