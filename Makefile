@@ -28,8 +28,12 @@ demo: install
 	bash examples/demo.sh $(DEMO_DIR)
 
 profile-tiny: install
-	$(PY) -m diffusers_lowmem.profile --task text-to-image --architecture tiny-sd --adapters lora,loha,lokr,locon \
-		--quant none,8bit,nf4 --steps 3 --output_dir benchmarks/results/cpu-tiny-sd
+	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task text-to-image --architecture tiny-sd \
+		--adapters lora,loha,lokr,locon --quant none,8bit,nf4 --steps 5 --resolution 32 --batch_size 2 \
+		--output_dir /tmp/profile-tiny-sd
+	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task causal-lm --architecture tiny-llama \
+		--adapters lora,loha,lokr,locon --quant none,8bit,nf4 --steps 5 --seq_len 64 --batch_size 2 \
+		--mixed_precision no --output_dir /tmp/profile-tiny-llama
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info .pytest_cache
