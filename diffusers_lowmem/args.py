@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 from pathlib import Path
+
+import torch
 
 from diffusers_lowmem.adapters import ADAPTER_ALGOS, CONV_ALGOS, AdapterConfig
 from diffusers_lowmem.architectures import ARCHITECTURES, TASK_CAUSAL_LM, TASK_TEXT_TO_IMAGE
@@ -81,7 +84,7 @@ def text_to_image_parser() -> argparse.ArgumentParser:
     add_adapter_args(parser)
     add_quantization_args(parser)
     add_memory_args(parser, text_to_image=True)
-    add_reliability_args(parser)
+    add_reliability_args(parser, text_to_image=True)
     return parser
 
 
@@ -733,11 +736,12 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
         )
 
 
-def add_reliability_args(parser: argparse.ArgumentParser) -> None:
-    """Adds the `Reliability` group shared by both trainers: what a non-finite loss does.
+def add_reliability_args(parser: argparse.ArgumentParser, text_to_image: bool = False) -> None:
+    """Adds the `Reliability` group shared by both trainers: what a non-finite loss (and a bad image) does.
 
     Args:
         parser: The parser to extend.
+        text_to_image: Also add `--strict_data`, which only the text-to-image trainer has.
     """
     group = parser.add_argument_group("Reliability")
     group.add_argument(
@@ -746,6 +750,13 @@ def add_reliability_args(parser: argparse.ArgumentParser) -> None:
         help="Skip an update whose loss is NaN or inf (with a warning) instead of stopping the run. Without it a "
         "non-finite loss stops training with the step and the last good checkpoint named.",
     )
+    if text_to_image:
+        group.add_argument(
+            "--strict_data",
+            action="store_true",
+            help="Stop before training when an image of the dataset cannot be read, naming it. Without it such "
+            "images are skipped with a warning that names and counts them.",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -834,6 +845,8 @@ def _validate_shared_args(args: argparse.Namespace, parser: argparse.ArgumentPar
         _check_at_least(parser, "--checkpoints_total_limit", args.checkpoints_total_limit, 1)
     _check_positive(parser, "--learning_rate", args.learning_rate)
     _check_resume_from_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
+    _check_output_dir(parser, args.output_dir)
+    _check_mixed_precision(parser, args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
 
 
 def _check_at_least(parser: argparse.ArgumentParser, flag: str, value: int, minimum: int) -> None:
@@ -844,6 +857,39 @@ def _check_at_least(parser: argparse.ArgumentParser, flag: str, value: int, mini
 def _check_positive(parser: argparse.ArgumentParser, flag: str, value: float) -> None:
     if not value > 0:
         parser.error(f"{flag} {value} must be > 0.")
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str | None) -> None:
+    """`output_dir` is a writable folder, or can be created: its nearest existing ancestor is a writable folder."""
+    if output_dir is None:
+        return
+    path = Path(output_dir).absolute()
+    existing = next(candidate for candidate in (path, *path.parents) if candidate.exists())
+    if not existing.is_dir():
+        culprit = "is a file" if existing == path else f"cannot be created: {str(existing)!r} is a file"
+        parser.error(f"--output_dir {output_dir!r} {culprit}. Pass a folder path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        culprit = "is not writable" if existing == path else f"cannot be created: {str(existing)!r} is not writable"
+        parser.error(f"--output_dir {output_dir!r} {culprit}. Pass a folder you can write to.")
+
+
+def _uses_cuda() -> bool:
+    """Whether accelerate will train on a CUDA device (it falls back to the CPU without one, or when told to)."""
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.cuda.is_available() and not forced_cpu
+
+
+def _check_mixed_precision(parser: argparse.ArgumentParser, mixed_precision: str | None) -> None:
+    """fp16 needs a CUDA device (on a CPU accelerate ignores it), bf16 a device that computes in it."""
+    if mixed_precision == "fp16" and not _uses_cuda():
+        parser.error(
+            "--mixed_precision fp16 needs a CUDA GPU, and this run has none (on a CPU fp16 autocast does not exist):"
+            " pass --mixed_precision bf16 or no."
+        )
+    if mixed_precision == "bf16" and _uses_cuda() and not torch.cuda.is_bf16_supported():
+        parser.error(
+            f"--mixed_precision bf16 is not supported by {torch.cuda.get_device_name()}: pass --mixed_precision fp16."
+        )
 
 
 def _check_data_dir(parser: argparse.ArgumentParser, flag: str, data_dir: str) -> None:

@@ -62,9 +62,10 @@ def _train_split(loaded, source: str) -> datasets.Dataset:
     return loaded["train"]
 
 
-def _check_column(flag: str, column: str, column_names: Sequence[str]) -> None:
+def _check_column(flag: str, column: str, column_names: Sequence[str], hint: str = "") -> None:
     if column not in column_names:
-        raise ValueError(f"--{flag}' value '{column}' needs to be one of: {', '.join(column_names)}")
+        columns = ", ".join(column_names)
+        raise ValueError(f"--{flag} '{column}' is not a column of the dataset; its columns are: {columns}.{hint}")
 
 
 def load_image_caption_dataset(
@@ -108,8 +109,14 @@ def load_image_caption_dataset(
     else:
         raise ValueError("Give a dataset: --dataset_name (hub name or local path) or --train_data_dir (image folder).")
 
+    hint = ""
+    if dataset_name is None:
+        hint = (
+            f" An image folder takes its captions from {train_data_dir}/metadata.jsonl, one line per image:"
+            ' {"file_name": "0001.png", "text": "a caption"}.'
+        )
     _check_column("image_column", image_column, dataset.column_names)
-    _check_column("caption_column", caption_column, dataset.column_names)
+    _check_column("caption_column", caption_column, dataset.column_names, hint)
     return dataset
 
 
@@ -297,8 +304,10 @@ def _readable_image_rows(dataset: datasets.Dataset, image_column: str, mode: str
     return readable, corrupt
 
 
-def drop_unreadable_images(dataset: datasets.Dataset, image_column: str = "image") -> datasets.Dataset:
-    """Removes the rows whose image cannot be decoded, with one warning naming them.
+def drop_unreadable_images(
+    dataset: datasets.Dataset, image_column: str = "image", strict: bool = False
+) -> datasets.Dataset:
+    """Removes the rows whose image cannot be decoded, with one warning naming them and counting them.
 
     Every image is decoded once, so this costs a pass over the images: seconds for thousands of small images, which
     is what LoRA fine-tuning sets usually hold, and worth it against a crash mid-epoch.
@@ -306,12 +315,13 @@ def drop_unreadable_images(dataset: datasets.Dataset, image_column: str = "image
     Args:
         dataset: The dataset; an `Image` column is read undecoded (bytes or path) and decoded here.
         image_column: Column holding the images.
+        strict: Reject the dataset instead, naming the unreadable rows.
 
     Returns:
         The dataset without the unreadable rows (the same object when all are readable).
 
     Raises:
-        ValueError: No image is readable.
+        ValueError: No image is readable, or some are not and `strict` is set.
     """
     feature = dataset.features[image_column]
     mode = feature.mode if isinstance(feature, datasets.Image) else None
@@ -329,6 +339,11 @@ def drop_unreadable_images(dataset: datasets.Dataset, image_column: str = "image
         )
     if not corrupt:
         return dataset
+    if strict:
+        raise ValueError(
+            f"{len(corrupt)} of {len(dataset)} images in column '{image_column}' cannot be read: rows {named}. Fix"
+            " or remove them, or drop --strict_data to skip them with a warning."
+        )
     logger.warning(
         "Dropping %d of %d rows whose image in column '%s' cannot be read: rows %s.",
         len(corrupt),
@@ -386,6 +401,7 @@ def make_text_to_image_dataset(
     caption_column: str = "text",
     max_train_samples: int | None = None,
     seed: int | None = None,
+    strict: bool = False,
 ) -> TextToImageDataset:
     """The training dataset of the text-to-image trainer: upstream's `preprocess_train`, applied per fetch.
 
@@ -401,12 +417,14 @@ def make_text_to_image_dataset(
         max_train_samples: Keep this many rows, chosen as upstream: `shuffle(seed=seed).select(range(n))`
             (at most all rows). Unreadable images are dropped after this choice.
         seed: Seed of that shuffle.
+        strict: Reject the dataset when an image cannot be read, instead of dropping its row.
 
     Returns:
         A `torch.utils.data.Dataset` of dicts (see `TextToImageDataset`); batch them with `collate_text_to_image`.
+        Its `skipped_images` holds the number of rows dropped for an unreadable image.
 
     Raises:
-        ValueError: No image is readable.
+        ValueError: A column is missing, no image is readable, or (with `strict`) one is not.
     """
     _check_column("image_column", image_column, raw_dataset.column_names)
     _check_column("caption_column", caption_column, raw_dataset.column_names)
@@ -422,8 +440,10 @@ def make_text_to_image_dataset(
         # Rows are fetched undecoded and decoded by `_decode_image`, the same path that checks them once here.
         image_mode = feature.mode
         dataset = dataset.cast_column(image_column, datasets.Image(mode=image_mode, decode=False))
-    dataset = drop_unreadable_images(dataset, image_column)
-    return TextToImageDataset(dataset, tokenizers, preprocessor, image_column, caption_column, image_mode)
+    readable = drop_unreadable_images(dataset, image_column, strict=strict)
+    text_to_image = TextToImageDataset(readable, tokenizers, preprocessor, image_column, caption_column, image_mode)
+    text_to_image.skipped_images = len(dataset) - len(readable)
+    return text_to_image
 
 
 def collate_text_to_image(examples: Sequence[dict]) -> dict:

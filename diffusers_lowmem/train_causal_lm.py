@@ -304,6 +304,11 @@ def push_to_hub(args) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Trains and returns a summary (global step, final loss, perplexity, output paths)."""
     accelerator = setup_accelerator(args)
+    # Data first, as upstream: a bad file fails before the model is loaded or anything is written.
+    try:
+        raw_datasets = load_raw_datasets(args)
+    except ValueError as error:
+        raise SystemExit(f"Bad training data: {error}") from error
     if accelerator.is_main_process and args.output_dir is not None:
         os.makedirs(args.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -315,9 +320,6 @@ def main(args: argparse.Namespace) -> dict:
     training.seed_step(seed, -2)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
-
-    # Data first, as upstream: a bad file fails before the model is loaded.
-    raw_datasets = load_raw_datasets(args)
 
     # Load the frozen base: quantized layer by layer on the way to the device with --quant.
     tokenizer = load_tokenizer(args)

@@ -62,8 +62,21 @@ def setup_accelerator(args) -> Accelerator:
     return accelerator
 
 
+def load_tokenizer(args):
+    """The CLIP tokenizer (files only: cheap, so the data can be checked before any model is loaded)."""
+    if args.pretrained_model_name_or_path.startswith(arg_groups.ARCHITECTURE_PREFIX):
+        from diffusers_lowmem import architectures
+
+        return architectures.build_tokenizer(args.pretrained_model_name_or_path[len(arg_groups.ARCHITECTURE_PREFIX) :])
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
+    )
+
+
 def load_models(args, weight_dtype: torch.dtype):
-    """Tokenizer, text encoder, VAE, UNet and noise scheduler, on the CPU in `weight_dtype` (meta for architectures).
+    """Text encoder, VAE, UNet and noise scheduler, on the CPU in `weight_dtype` (meta for architectures).
 
     `--pretrained_model_name_or_path architecture:NAME` builds a real architecture (e.g. `sd15`) with random
     weights on the meta device, for memory profiling without a download.
@@ -73,7 +86,6 @@ def load_models(args, weight_dtype: torch.dtype):
 
         name = args.pretrained_model_name_or_path[len(arg_groups.ARCHITECTURE_PREFIX) :]
         return (
-            architectures.build_tokenizer(name),
             architectures.build_on_meta(name, "text_encoder"),
             architectures.build_on_meta(name, "vae"),
             architectures.build_on_meta(name, "unet"),
@@ -81,11 +93,10 @@ def load_models(args, weight_dtype: torch.dtype):
         )
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
     text_encoder = CLIPTextModel.from_pretrained(
         path, subfolder="text_encoder", revision=revision, variant=variant, torch_dtype=weight_dtype
     )
@@ -95,7 +106,7 @@ def load_models(args, weight_dtype: torch.dtype):
     unet = UNet2DConditionModel.from_pretrained(
         path, subfolder="unet", revision=revision, variant=variant, torch_dtype=weight_dtype
     )
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
+    return text_encoder, vae, unet, noise_scheduler
 
 
 def place_frozen_model(model, args, weight_dtype, device, skip=()):
@@ -164,6 +175,7 @@ def build_dataset(args, tokenizer, seed: int) -> training.PerSampleSeedDataset:
         caption_column=args.caption_column,
         max_train_samples=args.max_train_samples,
         seed=seed,
+        strict=args.strict_data,
     )
     return training.PerSampleSeedDataset(train_dataset, seed)
 
@@ -282,12 +294,20 @@ def save_adapter_weights(args, networks, output_dir) -> Path:
 def main(args: argparse.Namespace) -> dict:
     """Trains and returns a summary (final loss, steps, output paths)."""
     accelerator = setup_accelerator(args)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     seed = training.resolve_seed(args.seed)
     resume_path = training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
         seed = training.read_training_state(resume_path).get("seed", seed) if args.seed is None else seed
+
+    # Data first: a missing column or an unreadable image fails here, before any model is loaded or file written.
+    tokenizer = load_tokenizer(args)
+    try:
+        train_dataset = build_dataset(args, tokenizer, seed)
+    except ValueError as error:
+        raise SystemExit(f"Bad training data: {error}") from error
+    skipped_images = train_dataset.dataset.skipped_images
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
     training.seed_step(seed, -2)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -295,7 +315,7 @@ def main(args: argparse.Namespace) -> dict:
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
 
     # Load the frozen base: quantized layer by layer on the way to the device with --quant.
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, weight_dtype)
+    text_encoder, vae, unet, noise_scheduler = load_models(args, weight_dtype)
     quant_skip = args.quant_skip or ()
     quant_reports = {
         "unet": place_frozen_model(unet, args, weight_dtype, accelerator.device, skip=quant_skip),
@@ -313,8 +333,6 @@ def main(args: argparse.Namespace) -> dict:
     tracker.watch(models=[unet, text_encoder, vae])
     tracker.milestone("after_adapter")
 
-    # Data.
-    train_dataset = build_dataset(args, tokenizer, seed)
     collate_fn = data.collate_text_to_image
     if args.cache_latents:
         train_dataset = cache_latents(train_dataset, vae, weight_dtype, args.train_batch_size)
@@ -491,8 +509,11 @@ def main(args: argparse.Namespace) -> dict:
                 "final_loss": float(loss.detach().item()),
                 "step_seconds": step_seconds,
                 "quantization": _quant_summary(quant_reports),
+                "skipped_images": skipped_images,
             },
         )
+        if skipped_images:
+            logger.warning(f"Trained without {skipped_images} unreadable image(s): see the warning at the start.")
         logger.info(f"Saved adapter weights to {weights_path}")
         logger.info("Memory:\n" + tracker.summary_table())
         if args.validation_prompt and not args.pretrained_model_name_or_path.startswith(
@@ -510,7 +531,8 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=1)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, weight_dtype)
+    tokenizer = load_tokenizer(args)
+    text_encoder, vae, unet, noise_scheduler = load_models(args, weight_dtype)
     for model in (unet, text_encoder):
         place_frozen_model(model, args, weight_dtype, accelerator.device, skip=args.quant_skip or ())
     vae.requires_grad_(False)

@@ -170,11 +170,11 @@ def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from_checkpo
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Deletes the oldest checkpoints so that saving one more keeps at most `total_limit`. Returns what was removed."""
+    """Deletes the oldest complete checkpoints so that at most `total_limit` remain. Returns what was removed."""
     if total_limit is None:
         return []
     checkpoints = list_checkpoints(output_dir)
-    excess = len(checkpoints) - (total_limit - 1)
+    excess = len(checkpoints) - total_limit
     removed = checkpoints[: max(excess, 0)]
     if removed:
         logger.info(f"{len(checkpoints)} checkpoints exist; removing {len(removed)}: {[p.name for p in removed]}")
@@ -188,7 +188,8 @@ def save_checkpoint(accelerator, output_dir, global_step: int, training_state: d
 
     The state is written to `checkpoint-N.partial` and renamed to `checkpoint-N` only once `training_state.json` is
     in it, so a process killed mid-save leaves the previous checkpoints intact and no half-written one that
-    `--resume_from_checkpoint latest` would pick.
+    `--resume_from_checkpoint latest` would pick. Old checkpoints beyond `total_limit` are deleted only after the
+    new one is complete (upstream deletes them first, so a kill during the save can leave none).
 
     Returns:
         The final checkpoint directory.
@@ -196,7 +197,6 @@ def save_checkpoint(accelerator, output_dir, global_step: int, training_state: d
     final_dir = checkpoint_dir(output_dir, global_step)
     partial_dir = final_dir.with_name(final_dir.name + _PARTIAL_SUFFIX)
     if accelerator.is_main_process:
-        prune_checkpoints(output_dir, total_limit)
         shutil.rmtree(partial_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial_dir))
@@ -207,6 +207,7 @@ def save_checkpoint(accelerator, output_dir, global_step: int, training_state: d
             shutil.rmtree(final_dir)
         os.replace(partial_dir, final_dir)
         logger.info(f"Saved state to {final_dir}")
+        prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final_dir
 

@@ -126,12 +126,14 @@ SHARED_DEFAULTS = {
     "quant": None,
     "quant_skip": None,
     "memory_log_steps": 1,
+    "skip_nonfinite_loss": False,
 }
 TEXT_TO_IMAGE_DEFAULTS = {
     **SHARED_DEFAULTS,
     "train_text_encoder": False,
     "text_encoder_lr": None,
     "cache_latents": False,
+    "strict_data": False,
 }
 CAUSAL_LM_DEFAULTS = {
     **SHARED_DEFAULTS,
@@ -151,7 +153,7 @@ def test_text_to_image_our_flags_defaults():
 def test_causal_lm_our_flags_defaults():
     args = causal_lm_parser().parse_args([])
     assert {name: getattr(args, name) for name in CAUSAL_LM_DEFAULTS} == CAUSAL_LM_DEFAULTS
-    assert not hasattr(args, "cache_latents")
+    assert not hasattr(args, "cache_latents") and not hasattr(args, "strict_data")
 
 
 def test_our_flags_choices(t2i_actions, clm_actions):

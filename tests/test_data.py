@@ -74,7 +74,9 @@ def test_image_folder_loads_eight_captioned_images(image_dataset):
 )
 def test_missing_column_is_named_with_the_available_ones(tiny_images_path, cache_dir, flag, kwargs):
     wrong = next(iter(kwargs.values()))
-    with pytest.raises(ValueError, match=f"--{flag}' value '{wrong}' needs to be one of: image, text"):
+    with pytest.raises(
+        ValueError, match=f"--{flag} '{wrong}' is not a column of the dataset; its columns are: image, text."
+    ):
         data.load_image_caption_dataset(train_data_dir=tiny_images_path, cache_dir=cache_dir, **kwargs)
 
 
@@ -354,6 +356,15 @@ def test_only_corrupt_images_raise(tiny_images_path, tmp_path, cache_dir, clip_t
     raw = data.load_image_caption_dataset(train_data_dir=folder, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="no readable images in column 'image'"):
         data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(32))
+
+
+def test_strict_rejects_corrupt_images_by_name(tiny_images_path, tmp_path, cache_dir, clip_tokenizer):
+    folder = copy_image_folder(tiny_images_path, tmp_path / "images", corrupt_files=["0001.png", "0006.png"])
+    raw = data.load_image_caption_dataset(train_data_dir=folder, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"2 of 8 images .* 1 \(.*0001.png\), 6 \(.*0006.png\)"):
+        data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(32), strict=True)
+    lenient = data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(32))
+    assert (len(lenient), lenient.skipped_images) == (6, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Bad input costs seconds: a clear error naming the culprit, a non-zero exit, no model loaded and nothing written.
+
+The flag checks of `args.py` have their own tests (test_args.py); these run the trainers' entry points on bad data
+and bad environments.
+"""
+
+import json
+import logging
+import shutil
+
+import pytest
+from accelerate.state import AcceleratorState
+from test_train_text_to_image import train_argv
+
+from diffusers_lowmem import train_causal_lm, train_text_to_image
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if a trainer gets as far as loading a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(train_text_to_image, "load_models", refuse)
+    monkeypatch.setattr(train_causal_lm, "load_model", refuse)
+
+
+def image_folder(tiny_images_path, destination, corrupt=(), captions=True):
+    shutil.copytree(tiny_images_path, destination)
+    for name in corrupt:
+        (destination / name).write_bytes(b"not a png" * 20)
+    if not captions:
+        (destination / "metadata.jsonl").unlink()
+    return destination
+
+
+def run_text_to_image(*argv):
+    return train_text_to_image.main(train_text_to_image.parse_args(list(argv)))
+
+
+def assert_exit(error, *expected):
+    assert error.value.code not in (0, None)
+    for text in expected:
+        assert text in str(error.value.code)
+
+
+def test_image_folder_without_captions_names_metadata_and_columns(
+    tiny_sd_path, tiny_images_path, tmp_path, no_model_loading
+):
+    folder = image_folder(tiny_images_path, tmp_path / "images", captions=False)
+    with pytest.raises(SystemExit) as error:
+        run_text_to_image(*train_argv(tiny_sd_path, folder, tmp_path / "out"))
+    assert_exit(error, "--caption_column 'text' is not a column", "its columns are: image", "metadata.jsonl")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--image_column", "picture"), ("--caption_column", "prompt")])
+def test_missing_column_lists_the_columns(flag, value, tiny_sd_path, tiny_images_path, tmp_path, no_model_loading):
+    with pytest.raises(SystemExit) as error:
+        run_text_to_image(*train_argv(tiny_sd_path, tiny_images_path, tmp_path / "out", flag, value))
+    assert_exit(error, f"{flag} '{value}' is not a column", "its columns are: image, text")
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_data_rejects_a_corrupt_image_by_name(tiny_sd_path, tiny_images_path, tmp_path, no_model_loading):
+    folder = image_folder(tiny_images_path, tmp_path / "images", corrupt=["0002.png"])
+    with pytest.raises(SystemExit) as error:
+        run_text_to_image(*train_argv(tiny_sd_path, folder, tmp_path / "out", "--strict_data"))
+    assert_exit(error, "1 of 8 images", "0002.png", "--strict_data")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_image_is_skipped_named_and_counted(tiny_sd_path, tiny_images_path, tmp_path, caplog):
+    folder = image_folder(tiny_images_path, tmp_path / "images", corrupt=["0002.png", "0005.png"])
+    caplog.set_level(logging.WARNING)
+    summary = run_text_to_image(*train_argv(tiny_sd_path, folder, tmp_path / "out", "--max_train_steps", "2"))
+    assert summary["global_step"] == 2
+    messages = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any(
+        "Dropping 2 of 8 rows" in message and "0002.png" in message and "0005.png" in message for message in messages
+    )
+    assert any("without 2 unreadable image(s)" in message for message in messages)  # the count again, at the end
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["skipped_images"] == 2
+
+
+def test_a_folder_of_only_corrupt_images_fails_before_loading(
+    tiny_sd_path, tiny_images_path, tmp_path, no_model_loading
+):
+    names = [f"{index:04d}.png" for index in range(8)]
+    folder = image_folder(tiny_images_path, tmp_path / "images", corrupt=names)
+    with pytest.raises(SystemExit) as error:
+        run_text_to_image(*train_argv(tiny_sd_path, folder, tmp_path / "out"))
+    assert_exit(error, "no readable images", "0000.png")
+    assert not (tmp_path / "out").exists()
+
+
+def causal_argv(llama_path, train_file, output_dir, *extra):
+    return [
+        "--model_name_or_path", str(llama_path),
+        "--train_file", str(train_file),
+        "--block_size", "32",
+        "--output_dir", str(output_dir),
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("trainer", ["text-to-image", "causal-lm"])
+@pytest.mark.parametrize("case", ["output dir under a file", "output dir is a file", "fp16 without a GPU"])
+def test_environment_errors_exit_2_before_anything(
+    trainer, case, tiny_sd_path, tiny_images_path, tiny_llama_path, tiny_text_path, tmp_path, capsys
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    output_dir, extra, expected = tmp_path / "out", [], []
+    if case == "output dir under a file":
+        output_dir, expected = blocker / "out", ["cannot be created", "is a file"]
+    elif case == "output dir is a file":
+        output_dir, expected = blocker, ["is a file"]
+    else:
+        extra, expected = ["--mixed_precision", "fp16"], ["fp16 needs a CUDA GPU", "bf16"]
+    if trainer == "text-to-image":
+        parse, argv = train_text_to_image.parse_args, train_argv(tiny_sd_path, tiny_images_path, output_dir, *extra)
+    else:
+        parse = train_causal_lm.parse_args
+        argv = causal_argv(tiny_llama_path, tiny_text_path / "train.txt", output_dir, *extra)
+    with pytest.raises(SystemExit) as error:
+        parse(argv)
+    assert error.value.code == 2
+    message = capsys.readouterr().err
+    assert all(text in message for text in expected), message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]
