@@ -474,7 +474,12 @@ def _bias(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -
 
 
 def _quantized_nf4_layer(
-    linear: nn.Linear, weight: torch.Tensor, device: torch.device, compute_dtype: torch.dtype, double_quant: bool
+    linear: nn.Linear,
+    weight: torch.Tensor,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    double_quant: bool,
+    quant_storage: torch.dtype,
 ) -> nn.Module:
     bnb = _bnb()
     # Built on the meta device: a layer built on the CPU would first allocate and initialise a float weight.
@@ -485,10 +490,16 @@ def _quantized_nf4_layer(
         compute_dtype=compute_dtype,
         compress_statistics=double_quant,
         quant_type="nf4",
+        quant_storage=quant_storage,
         device="meta",
     )
     parameter = bnb.nn.Params4bit(
-        weight, requires_grad=False, compress_statistics=double_quant, quant_type="nf4", module=layer
+        weight,
+        requires_grad=False,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        quant_storage=quant_storage,
+        module=layer,
     )
     # Params4bit quantizes on its first move to a real device, from wherever the float weight is.
     layer.weight = parameter.to(device)
@@ -558,12 +569,13 @@ def _convert_linear(
     device: torch.device | None,
     double_quant: bool,
     compute_errors: bool,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> tuple[nn.Module, float | None]:
     """The bitsandbytes replacement of `linear` on its target device, and its relative weight error."""
     target = _target_device(linear, device)
     weight = _float_weight(linear, compute_dtype, target)
     if mode == "nf4":
-        layer = _quantized_nf4_layer(linear, weight, target, compute_dtype, double_quant)
+        layer = _quantized_nf4_layer(linear, weight, target, compute_dtype, double_quant, quant_storage)
     else:
         layer = _quantized_int8_layer(linear, weight, target, compute_dtype)
     layer.train(linear.training)
@@ -619,6 +631,7 @@ def quantize_model(
     double_quant: bool = True,
     compute_errors: bool = True,
     cast_rest: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> QuantizationReport:
     """Quantizes every `nn.Linear` of `model` with bitsandbytes, in place, one layer at a time.
 
@@ -649,6 +662,8 @@ def quantize_model(
         double_quant: NF4 only: also quantize the per-block scales (0.5 -> ~0.13 bits per weight).
         compute_errors: Measure each layer's relative weight error; turn off for speed at real scale.
         cast_rest: Cast the parameters and buffers outside the quantized layers to `compute_dtype`.
+        quant_storage: NF4 only: the dtype the packed 4-bit weights are stored as (the bytes are the same). FSDP
+            flattens parameters of one dtype only: give it the dtype of the rest of the model (`compute_dtype`).
 
     Returns:
         The report: converted layers with their bytes before and after and their error, and the skipped names.
@@ -674,7 +689,7 @@ def quantize_model(
         linear = model.get_submodule(name)
         bytes_before = count_bytes(linear.parameters(), seen_before)
         layer, relative_error = _convert_linear(
-            linear, checked_mode, compute_dtype, target, double_quant, compute_errors
+            linear, checked_mode, compute_dtype, target, double_quant, compute_errors, quant_storage
         )
         for parent, attribute in parents[id(linear)]:
             setattr(parent, attribute, layer)

@@ -132,7 +132,7 @@ def load_model(args, weight_dtype: torch.dtype, tokenizer):
     return model
 
 
-def place_frozen_model(model, args, weight_dtype: torch.dtype, device):
+def place_frozen_model(model, args, weight_dtype: torch.dtype, device, quant_storage: torch.dtype = torch.uint8):
     """Freezes `model` and moves it to `device`: with `--quant`, quantized layer by layer on the way (the
     full-precision model is never on the device as a whole); else materialised (meta) and moved.
 
@@ -153,6 +153,7 @@ def place_frozen_model(model, args, weight_dtype: torch.dtype, device):
             device=device,
             compute_errors=False,
             cast_rest=False,
+            quant_storage=quant_storage,
         )
     quantization.materialize_meta_(model, device, weight_dtype)
     model.to(device)
@@ -325,7 +326,8 @@ def main(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args)
     model = load_model(args, weight_dtype, tokenizer)
     conv1d_modules = quantization.conv1d_to_linear_(model)  # GPT-2's Conv1D projections become nn.Linear
-    quant_report = place_frozen_model(model, args, weight_dtype, accelerator.device)
+    quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
+    quant_report = place_frozen_model(model, args, weight_dtype, accelerator.device, quant_storage)
     model.config.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
     tracker.watch(models=[model])
     tracker.milestone("after_model_load")

@@ -109,14 +109,19 @@ def load_models(args, weight_dtype: torch.dtype):
     return text_encoder, vae, unet, noise_scheduler
 
 
-def place_frozen_model(model, args, weight_dtype, device, skip=()):
+def place_frozen_model(model, args, weight_dtype, device, skip=(), quant_storage=torch.uint8):
     """Freezes `model` and moves it to `device`: quantized layer by layer with `--quant`, else cast as a whole."""
     model.requires_grad_(False)
     if args.quant:
-        report = quantization.quantize_model(
-            model, args.quant, compute_dtype=weight_dtype, skip=skip, device=device, compute_errors=False
+        return quantization.quantize_model(
+            model,
+            args.quant,
+            compute_dtype=weight_dtype,
+            skip=skip,
+            device=device,
+            compute_errors=False,
+            quant_storage=quant_storage,
         )
-        return report
     quantization.materialize_meta_(model, device, weight_dtype)
     model.to(device, dtype=weight_dtype)
     return None
@@ -316,10 +321,10 @@ def main(args: argparse.Namespace) -> dict:
 
     # Load the frozen base: quantized layer by layer on the way to the device with --quant.
     text_encoder, vae, unet, noise_scheduler = load_models(args, weight_dtype)
-    quant_skip = args.quant_skip or ()
+    frozen = {"skip": args.quant_skip or (), "quant_storage": training.quant_storage_dtype(accelerator, weight_dtype)}
     quant_reports = {
-        "unet": place_frozen_model(unet, args, weight_dtype, accelerator.device, skip=quant_skip),
-        "text_encoder": place_frozen_model(text_encoder, args, weight_dtype, accelerator.device, skip=quant_skip),
+        "unet": place_frozen_model(unet, args, weight_dtype, accelerator.device, **frozen),
+        "text_encoder": place_frozen_model(text_encoder, args, weight_dtype, accelerator.device, **frozen),
     }
     vae.requires_grad_(False)
     quantization.materialize_meta_(vae, accelerator.device, weight_dtype)

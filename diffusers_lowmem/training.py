@@ -34,6 +34,14 @@ _PARTIAL_SUFFIX = ".partial"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 
+def quant_storage_dtype(accelerator, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype NF4 weights are packed in: that of the rest of the model under FSDP (which flattens one dtype per
+    unit, as QLoRA with FSDP needs), else bitsandbytes' default `uint8`. The bytes stored are the same."""
+    from accelerate.utils import DistributedType
+
+    return weight_dtype if accelerator.distributed_type == DistributedType.FSDP else torch.uint8
+
+
 def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
     """The dtype of frozen weights under `--mixed_precision` (trainable adapters always stay in float32)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)

@@ -171,6 +171,19 @@ def test_nf4_double_quantization_stores_less_than_plain_block_scales():
     assert double.layers[0].bytes_after < plain.layers[0].bytes_after
 
 
+def test_nf4_storage_dtype_for_fsdp_changes_neither_bytes_nor_outputs():
+    """FSDP flattens one dtype per unit: packed in bfloat16, the NF4 weights keep their bytes and their values."""
+    inputs = torch.randn(4, WIDTH, dtype=torch.bfloat16)
+    packed_uint8, packed_bf16 = mlp(), mlp()
+    uint8_report = quantize_model(packed_uint8, "nf4", compute_dtype=torch.bfloat16)
+    bf16_report = quantize_model(packed_bf16, "nf4", compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16)
+    assert packed_uint8[0].weight.dtype == torch.uint8 and packed_bf16[0].weight.dtype == torch.bfloat16
+    assert {parameter.dtype for parameter in packed_bf16.parameters()} == {torch.bfloat16}
+    assert bf16_report.bytes_after == uint8_report.bytes_after
+    assert stored_bytes(packed_bf16) == stored_bytes(packed_uint8)
+    torch.testing.assert_close(packed_bf16(inputs), packed_uint8(inputs), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("mode", QUANT_MODES)
 def test_outputs_and_input_gradients_stay_close_and_weights_get_none(mode, training):
