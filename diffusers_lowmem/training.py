@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusers_lowmem import memory
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint"
@@ -412,33 +414,43 @@ def nonfinite_loss_error(loss: torch.Tensor, global_step: int, output_dir) -> No
 
 
 def out_of_memory_message(peak_bytes: int | None, device, text_to_image: bool) -> str:
-    """What to tell a user whose run ran out of device memory."""
+    """What to tell a user whose run ran out of device memory (host memory for a CPU run)."""
     peak = f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else "unknown"
+    measure = "peak allocated" if torch.device(device).type == "cuda" else "peak RSS"
     hints = ["--gradient_checkpointing", "--quant nf4", "a smaller --train_batch_size or --resolution"]
     if text_to_image:
         hints.append("--cache_latents")
     else:
         hints[2] = "a smaller --per_device_train_batch_size or --block_size"
     return (
-        f"Out of memory on {device} (peak allocated {peak}); memory_report.json holds the memory up to this point. "
+        f"Out of memory on {device} ({measure} {peak}); memory_report.json holds the memory up to this point. "
         f"Try {', '.join(hints)}."
     )
 
 
+def is_host_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's CPU allocator failing (a `RuntimeError`, where CUDA raises `OutOfMemoryError`)."""
+    return "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
 @contextmanager
 def out_of_memory_guard(tracker, output_dir, text_to_image: bool):
-    """Turns a device out-of-memory error into the memory report so far and a message that says what to try.
+    """Turns an out-of-memory error (CUDA, or the host's on a CPU run) into the memory report so far and a message
+    that says what to try.
 
     Raises:
         SystemExit: With the message (exit status 1) after an out-of-memory error.
     """
     try:
         yield
-    except torch.OutOfMemoryError as error:
-        peak = None
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not is_host_out_of_memory(error):
+            raise
         if torch.device(tracker.device).type == "cuda":
             peak = torch.cuda.max_memory_allocated(tracker.device)
             torch.cuda.empty_cache()
+        else:
+            peak = memory.host_memory()["peak_rss"]
         tracker.write_report(output_dir, extra={"out_of_memory": str(error).splitlines()[0]})
         message = out_of_memory_message(peak, tracker.device, text_to_image)
         logger.error(message)

@@ -7,6 +7,7 @@ method (`Accelerator.save_state` or `AcceleratedOptimizer.step`) so that, after 
 sends itself SIGKILL: the state on disk is whatever the real code had written by then.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -111,3 +112,46 @@ def test_sigkill_at_a_save_and_between_saves_loses_nothing(trainer, argv_for, tm
     returncode, output = train(trainer, argv_for(trainer, killed_dir, "--resume_from_checkpoint", "latest"))
     assert returncode == 0, output[-3000:]
     assert_same_adapter(trainer, killed_dir, reference_dir)
+
+
+CAPPED_ADDRESS_SPACE = textwrap.dedent(
+    """
+    import resource, runpy, sys
+
+    import psutil
+
+    import diffusers_lowmem.train_text_to_image  # imported outside the cap
+
+    limit = psutil.Process().memory_info().vms + int(float(sys.argv[1]) * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    sys.argv = ["train_text_to_image", *sys.argv[2:]]
+    runpy.run_module("diffusers_lowmem.train_text_to_image", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def test_out_of_memory_writes_the_report_and_says_what_to_try(tiny_sd_path, tiny_images_path, tmp_path):
+    """1 GiB more address space loads the tiny pipeline but not a step at 512 px and batch 16 (several GiB)."""
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_path), "--train_data_dir", str(tiny_images_path)]
+    argv += [
+        "--resolution",
+        "512",
+        "--train_batch_size",
+        "16",
+        "--max_train_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-c", CAPPED_ADDRESS_SPACE, "1.0", *argv]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 1, output[-3000:]
+    assert "Out of memory on cpu (peak RSS " in output
+    for hint in ("--gradient_checkpointing", "--quant nf4", "--train_batch_size", "--cache_latents"):
+        assert hint in output
+    report = json.loads((tmp_path / "memory_report.json").read_text())
+    assert "can't allocate memory" in report["out_of_memory"]
+    assert {"after_model_load", "after_adapter"} <= set(report["milestones"])
+    assert "Traceback" not in output
