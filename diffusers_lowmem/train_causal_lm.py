@@ -453,7 +453,12 @@ def main(args: argparse.Namespace) -> dict:
                 progress_bar.set_postfix(loss=step_loss, lr=learning_rate)
                 if isinstance(checkpointing, int) and global_step % checkpointing == 0:
                     training.save_checkpoint(
-                        accelerator, checkpoint_root, global_step, {"seed": seed}, args.checkpoints_total_limit
+                        accelerator,
+                        checkpoint_root,
+                        global_step,
+                        {"seed": seed},
+                        args.checkpoints_total_limit,
+                        trainable,
                     )
                 if stop_signals.requested(accelerator):
                     stopped_by = stop_signals.received or "a stop signal on another process"
@@ -476,7 +481,7 @@ def main(args: argparse.Namespace) -> dict:
             )
             if checkpointing == arg_groups.CHECKPOINT_EVERY_EPOCH:
                 training.save_checkpoint(
-                    accelerator, checkpoint_root, global_step, {"seed": seed}, args.checkpoints_total_limit
+                    accelerator, checkpoint_root, global_step, {"seed": seed}, args.checkpoints_total_limit, trainable
                 )
 
     if stopped_by:
@@ -488,6 +493,7 @@ def main(args: argparse.Namespace) -> dict:
             {"seed": seed},
             args.checkpoints_total_limit,
             stopped_by,
+            trainable=trainable,
         )
         return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
@@ -498,6 +504,7 @@ def main(args: argparse.Namespace) -> dict:
     # Save: the adapter (LyCORIS and peft formats), tokenizer, results and the memory report.
     accelerator.wait_for_everyone()
     training.verify_identical_across_processes(accelerator, trainable)
+    training.check_finite_weights(trainable, global_step, checkpoint_root)
     results = {"perplexity": perplexity, "eval_loss": eval_loss}
     summary = {
         "global_step": global_step,

@@ -475,7 +475,12 @@ def main(args: argparse.Namespace) -> dict:
                 train_loss = 0.0
                 if global_step % args.checkpointing_steps == 0:
                     training.save_checkpoint(
-                        accelerator, args.output_dir, global_step, {"seed": seed}, args.checkpoints_total_limit
+                        accelerator,
+                        args.output_dir,
+                        global_step,
+                        {"seed": seed},
+                        args.checkpoints_total_limit,
+                        params_to_clip,
                     )
                 if stop_signals.requested(accelerator):
                     stopped_by = stop_signals.received or "a stop signal on another process"
@@ -497,12 +502,14 @@ def main(args: argparse.Namespace) -> dict:
             {"seed": seed},
             args.checkpoints_total_limit,
             stopped_by,
+            trainable=params_to_clip,
         )
         return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
     # Save: the adapter in kohya/LyCORIS format, and the memory report.
     accelerator.wait_for_everyone()
     training.verify_identical_across_processes(accelerator, params_to_clip)
+    training.check_finite_weights(params_to_clip, global_step, args.output_dir)
     weights_path = None
     if accelerator.is_main_process:
         weights_path = save_adapter_weights(args, networks, args.output_dir)

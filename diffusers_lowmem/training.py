@@ -193,7 +193,9 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) ->
     return removed
 
 
-def save_checkpoint(accelerator, output_dir, global_step: int, training_state: dict, total_limit=None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir, global_step: int, training_state: dict, total_limit=None, trainable=()
+) -> Path:
     """Saves the accelerate state (adapter weights through the registered hooks, optimizer, scheduler, RNG) atomically.
 
     The state is written to `checkpoint-N.partial` and renamed to `checkpoint-N` only once `training_state.json` is
@@ -201,9 +203,13 @@ def save_checkpoint(accelerator, output_dir, global_step: int, training_state: d
     `--resume_from_checkpoint latest` would pick. Old checkpoints beyond `total_limit` are deleted only after the
     new one is complete (upstream deletes them first, so a kill during the save can leave none).
 
+    Args:
+        trainable: The adapter parameters: a checkpoint holding NaN or inf is refused (`check_finite_weights`).
+
     Returns:
         The final checkpoint directory.
     """
+    check_finite_weights(trainable, global_step, output_dir)
     final_dir = checkpoint_dir(output_dir, global_step)
     partial_dir = final_dir.with_name(final_dir.name + _PARTIAL_SUFFIX)
     if accelerator.is_main_process:
@@ -413,6 +419,22 @@ def nonfinite_loss_error(loss: torch.Tensor, global_step: int, output_dir) -> No
     )
 
 
+def check_finite_weights(parameters, global_step: int, output_dir) -> None:
+    """Refuses to save an adapter holding NaN or inf (a finite loss can still end in such an update).
+
+    Raises:
+        NonFiniteLossError: Naming the step and the last good checkpoint; nothing is saved.
+    """
+    if not find_nonfinite(parameter.detach() for parameter in parameters):
+        return
+    checkpoints = list_checkpoints(output_dir)
+    last_good = str(checkpoints[-1]) if checkpoints else "none yet"
+    raise NonFiniteLossError(
+        f"The adapter weights hold NaN or inf after step {global_step}; they were not saved. Last good checkpoint:"
+        f" {last_good}. Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or lower --max_grad_norm."
+    )
+
+
 def out_of_memory_message(peak_bytes: int | None, device, text_to_image: bool) -> str:
     """What to tell a user whose run ran out of device memory (host memory for a CPU run)."""
     peak = f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else "unknown"
@@ -457,7 +479,9 @@ def out_of_memory_guard(tracker, output_dir, text_to_image: bool):
         raise SystemExit(message) from error
 
 
-def stop_with_checkpoint(accelerator, tracker, output_dir, global_step: int, training_state: dict, total_limit, by):
+def stop_with_checkpoint(
+    accelerator, tracker, output_dir, global_step: int, training_state: dict, total_limit, by, trainable=()
+):
     """Ends a run stopped by a signal: a checkpoint of the current step (unless one exists), the memory report, and
     a message that names the checkpoint. Call on every process.
 
@@ -466,7 +490,7 @@ def stop_with_checkpoint(accelerator, tracker, output_dir, global_step: int, tra
     """
     path = checkpoint_dir(output_dir, global_step)
     if path not in list_checkpoints(output_dir):
-        path = save_checkpoint(accelerator, output_dir, global_step, training_state, total_limit)
+        path = save_checkpoint(accelerator, output_dir, global_step, training_state, total_limit, trainable)
     if accelerator.is_main_process:
         tracker.write_report(output_dir)
     logger.info(f"Stopped by {by} at step {global_step}; saved {path}. Continue with --resume_from_checkpoint latest.")

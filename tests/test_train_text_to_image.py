@@ -324,6 +324,23 @@ def test_skip_nonfinite_loss_finishes_with_a_finite_adapter(tiny_sd_path, tiny_i
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
+def test_a_checkpoint_of_nonfinite_weights_is_refused_and_names_the_last_good_one(tmp_path):
+    from accelerate import Accelerator
+
+    from diffusers_lowmem.training import NonFiniteLossError, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    weight = torch.nn.Parameter(torch.ones(3))
+    assert save_checkpoint(accelerator, tmp_path, 1, {}, trainable=[weight]) == tmp_path / "checkpoint-1"
+    with torch.no_grad():
+        weight[1] = float("inf")
+    with pytest.raises(
+        NonFiniteLossError, match=r"after step 2; they were not saved\. Last good checkpoint: .*checkpoint-1"
+    ):
+        save_checkpoint(accelerator, tmp_path, 2, {}, trainable=[weight])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-1"]
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_sd_path, tiny_images_path, tmp_path):
     import signal
     import time
