@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -44,6 +46,10 @@ LATEST_CHECKPOINT = "latest"
 CHECKPOINT_EVERY_EPOCH = "epoch"
 # The VAE of Stable Diffusion downsamples by 8, so the image side must be a multiple of 8.
 VAE_SCALE_FACTOR = 8
+# `--resolution` default of train_text_to_image_lora_sdxl.py (train_text_to_image_lora.py's is 512).
+SDXL_RESOLUTION = 1024
+# `_class_name` of the pipelines in `model_index.json` that the trainer trains as Stable Diffusion XL.
+SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline",)
 
 # A Hub repository id: each part starts and ends with a letter or digit, in between `-`, `_` or `.` (never doubled).
 _HUB_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
@@ -54,9 +60,10 @@ _HUB_ID_OPTIONAL_NAMESPACE = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
 _SPEC_COMMENT = re.compile(r"\s{2,}\(.*\)\s*$")
 
 TEXT_TO_IMAGE_DESCRIPTION = (
-    "Fine-tune Stable Diffusion with LyCORIS adapters (lora, loha, lokr, locon) on an optionally 8-bit or "
-    "nf4-quantized frozen base, logging memory to the trackers. A drop-in for diffusers' "
-    "examples/text_to_image/train_text_to_image_lora.py: every upstream flag works the same."
+    "Fine-tune Stable Diffusion (1.x, 2.x or XL) with LyCORIS adapters (lora, loha, lokr, locon) on an optionally "
+    "8-bit or nf4-quantized frozen base, logging memory to the trackers. A drop-in for diffusers' "
+    "examples/text_to_image/train_text_to_image_lora.py and train_text_to_image_lora_sdxl.py: every upstream flag "
+    "works the same."
 )
 CAUSAL_LM_DESCRIPTION = (
     "Fine-tune a causal language model with LyCORIS adapters (lora, loha, lokr, locon) on an optionally 8-bit or "
@@ -70,17 +77,23 @@ CAUSAL_LM_DESCRIPTION = (
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def text_to_image_parser() -> argparse.ArgumentParser:
+def text_to_image_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     """The full parser of the text-to-image trainer.
 
+    Args:
+        sdxl: Use the defaults of `train_text_to_image_lora_sdxl.py` (`--resolution 1024`) instead of those of
+            `train_text_to_image_lora.py` (512). Both scripts' flags are accepted either way.
+
     Returns:
-        A parser with the flags of diffusers' `train_text_to_image_lora.py` and the adapter, quantization and memory
-        groups; `--help` shows every default.
+        A parser with the flags of diffusers' `train_text_to_image_lora.py` and `train_text_to_image_lora_sdxl.py`
+        and the adapter, quantization and memory groups; `--help` shows every default.
     """
     parser = argparse.ArgumentParser(
         description=TEXT_TO_IMAGE_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add_text_to_image_args(parser)
+    if sdxl:
+        parser.set_defaults(resolution=SDXL_RESOLUTION)
     add_adapter_args(parser)
     add_quantization_args(parser)
     add_memory_args(parser, text_to_image=True)
@@ -112,7 +125,9 @@ def causal_lm_parser() -> argparse.ArgumentParser:
 
 
 def add_text_to_image_args(parser: argparse.ArgumentParser) -> None:
-    """Adds the flags of diffusers' `train_text_to_image_lora.py`, plus `--train_text_encoder` and `--text_encoder_lr`.
+    """Adds the flags of diffusers' `train_text_to_image_lora.py` and `train_text_to_image_lora_sdxl.py` (which adds
+    `--pretrained_vae_model_name_or_path`, `--train_text_encoder`, `--enable_npu_flash_attention` and `--debug_loss`),
+    plus `--text_encoder_lr`.
 
     `--rank` is left to `add_adapter_args`, which holds every adapter option of both trainers.
 
@@ -141,6 +156,14 @@ def _add_text_to_image_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         required=False,
         help="Revision of pretrained model identifier from huggingface.co/models.",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="Path to pretrained VAE model with better numerical stability. More details:"
+        " https://github.com/huggingface/diffusers/pull/4038. Without it the pipeline's own VAE is used (kept in"
+        " float32 for Stable Diffusion XL, as upstream).",
     )
     parser.add_argument(
         "--variant",
@@ -223,7 +246,8 @@ def _add_text_to_image_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train_text_encoder",
         action="store_true",
-        help="Attach adapters to the text encoder too, not only the UNet (its frozen base is quantized with --quant).",
+        help="Attach adapters to the text encoder (both text encoders for Stable Diffusion XL) too, not only the UNet"
+        " (their frozen bases are quantized with --quant).",
     )
     parser.add_argument(
         "--train_batch_size", type=int, default=16, help="Batch size (per device) for the training dataloader."
@@ -305,6 +329,15 @@ def _add_text_to_image_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
     parser.add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Whether or not to use xformers."
+    )
+    parser.add_argument(
+        "--enable_npu_flash_attention", action="store_true", help="Whether or not to use npu flash attention."
+    )
+    parser.add_argument(
+        "--debug_loss",
+        action="store_true",
+        help="debug loss for each image, if filenames are available in the dataset. As upstream, the training"
+        " batches carry no file names, so this logs nothing more.",
     )
     _add_mixed_precision_arg(parser)
     parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
@@ -729,6 +762,13 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
     )
     if text_to_image:
         group.add_argument(
+            "--cache_text_encoder_outputs",
+            action="store_true",
+            help="Encode every caption with the frozen text encoder(s) once before training, then move them off the"
+            " device: saves their memory and time per step (fixes the choice among several captions to one draw per"
+            " image). Not with --train_text_encoder.",
+        )
+        group.add_argument(
             "--cache_latents",
             action="store_true",
             help="Encode every training image with the VAE once before training, then move the VAE off the device:"
@@ -790,9 +830,22 @@ def validate_text_to_image_args(args: argparse.Namespace, parser: argparse.Argum
                 f"--text_encoder_lr {args.text_encoder_lr} has no effect without --train_text_encoder: add"
                 " --train_text_encoder or drop --text_encoder_lr."
             )
+    if args.cache_text_encoder_outputs and args.train_text_encoder:
+        parser.error(
+            "--cache_text_encoder_outputs needs frozen text encoders, but --train_text_encoder trains them: drop one"
+            " of the two."
+        )
+    if args.enable_npu_flash_attention and importlib.util.find_spec("torch_npu") is None:
+        parser.error(
+            "--enable_npu_flash_attention needs torch_npu extensions and is supported only on npu devices: drop it."
+        )
     _check_model_reference(
         parser, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, TASK_TEXT_TO_IMAGE
     )
+    if args.pretrained_vae_model_name_or_path is not None:
+        _check_model_reference(
+            parser, "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, TASK_TEXT_TO_IMAGE
+        )
     _validate_shared_args(args, parser)
 
 
@@ -977,6 +1030,34 @@ def _check_resume_from_checkpoint(
 # --------------------------------------------------------------------------------------------------------------------
 # Conversions
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def is_sdxl_pipeline(reference: str, revision: str | None = None) -> bool:
+    """Whether `--pretrained_model_name_or_path` names a Stable Diffusion XL pipeline.
+
+    Args:
+        reference: `architecture:NAME` (SDXL when the architecture's family is `sdxl`), a local pipeline folder or
+            a Hub id (SDXL when its `model_index.json` names a class of `SDXL_PIPELINE_CLASSES`).
+        revision: The Hub revision to read `model_index.json` from.
+
+    Returns:
+        True for SDXL. False for anything else, including a Hub id whose `model_index.json` cannot be fetched: the
+        model loading that follows reports that problem.
+    """
+    if reference.startswith(ARCHITECTURE_PREFIX):
+        spec = ARCHITECTURES.get(reference[len(ARCHITECTURE_PREFIX) :])
+        return spec is not None and spec.family == "sdxl"
+    model_index = Path(reference) / "model_index.json"
+    if not Path(reference).exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            model_index = Path(hf_hub_download(reference, "model_index.json", revision=revision))
+        except Exception:  # offline, unknown id, no access: not ours to report here
+            return False
+    if not model_index.is_file():
+        return False
+    return json.loads(model_index.read_text(encoding="utf-8")).get("_class_name") in SDXL_PIPELINE_CLASSES
 
 
 def adapter_config_from_args(args: argparse.Namespace) -> AdapterConfig:

@@ -447,25 +447,60 @@ def make_text_to_image_dataset(
 
 
 def collate_text_to_image(examples: Sequence[dict]) -> dict:
-    """Batches items of `TextToImageDataset`.
+    """Batches items of `TextToImageDataset`, or items whose images or captions were replaced by cached encodings.
 
     Args:
-        examples: Items with `pixel_values` and `input_ids`; optionally `input_ids_2`, ..., `original_size` and
-            `crop_top_left`.
+        examples: Items with `pixel_values` (or cached `latents`) and `input_ids` (or cached text-encoder outputs such
+            as `prompt_embeds`); optionally `input_ids_2`, ..., `original_size` and `crop_top_left`.
 
     Returns:
-        A dict of `pixel_values` (N, 3, R, R) contiguous float32, `input_ids` (N, L) (and `input_ids_2`, ...) and,
-        when the items have them, `original_sizes` and `crop_top_lefts` as LongTensors of shape (N, 2).
+        A dict of every tensor of the items stacked along a new first dimension (`pixel_values` (N, 3, R, R) as
+        contiguous float32, `input_ids` (N, L), ...) and, when the items have them, `original_sizes` and
+        `crop_top_lefts` as LongTensors of shape (N, 2).
     """
-    pixel_values = torch.stack([example["pixel_values"] for example in examples])
-    batch = {"pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float()}
+    batch = {}
     for key in examples[0]:
-        if key.startswith("input_ids"):
+        if key in _SIZE_KEYS:
+            batch[_SIZE_KEYS[key]] = torch.tensor([tuple(example[key]) for example in examples], dtype=torch.long)
+        else:
             batch[key] = torch.stack([example[key] for example in examples])
-    for key, batch_key in (("original_size", "original_sizes"), ("crop_top_left", "crop_top_lefts")):
-        if key in examples[0]:
-            batch[batch_key] = torch.tensor([tuple(example[key]) for example in examples], dtype=torch.long)
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(memory_format=torch.contiguous_format).float()
     return batch
+
+
+# Per-item size conditioning of Stable Diffusion XL -> its batch key.
+_SIZE_KEYS = {"original_size": "original_sizes", "crop_top_left": "crop_top_lefts"}
+
+
+class WithCachedEncodings(torch.utils.data.Dataset):
+    """Items of `dataset` with the keys computed once before training (e.g. text-encoder outputs) replacing their
+    inputs (e.g. `input_ids`, `input_ids_2`); every other key is fetched from `dataset` as before.
+
+    Args:
+        dataset: The dataset to wrap; `set_epoch` is passed on to it.
+        encodings: One dict per item of `dataset`, in its order.
+        replaces: Key prefixes of `dataset`'s items that the encodings make unneeded; they are dropped.
+    """
+
+    def __init__(self, dataset, encodings: Sequence[dict], replaces: Sequence[str] = ("input_ids",)):
+        if len(encodings) != len(dataset):
+            raise ValueError(f"{len(encodings)} cached encodings for a dataset of {len(dataset)} items.")
+        self.dataset = dataset
+        self.encodings = encodings
+        self.replaces = tuple(replaces)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {key: value for key, value in self.dataset[index].items() if not key.startswith(self.replaces)}
+        item.update(self.encodings[index])
+        return item
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Fine-tune Stable Diffusion with LyCORIS adapters on a (optionally) quantized frozen base.
+"""Fine-tune Stable Diffusion (1.x, 2.x or XL) with LyCORIS adapters on a (optionally) quantized frozen base.
 
-A drop-in replacement for diffusers' `examples/text_to_image/train_text_to_image_lora.py`: every upstream flag
-works the same, plus `--adapter {lora,loha,lokr,locon}`, `--quant {8bit,nf4}` and memory options. Run it as
+A drop-in replacement for diffusers' `examples/text_to_image/train_text_to_image_lora.py` and
+`train_text_to_image_lora_sdxl.py`: every upstream flag works the same, plus `--adapter {lora,loha,lokr,locon}`,
+`--quant {8bit,nf4}` and memory options. A Stable Diffusion XL pipeline (its `model_index.json`, or an `sdxl`
+architecture) is detected and trained with SDXL's two text encoders and size conditioning. Run it as
 
     accelerate launch -m diffusers_lowmem.train_text_to_image --pretrained_model_name_or_path PATH \\
         --train_data_dir DATA --adapter lokr --quant nf4 --output_dir OUT
@@ -33,14 +35,32 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses and validates the command line; every error is raised here, before any model is loaded."""
-    parser = arg_groups.text_to_image_parser()
+    """Parses and validates the command line; every error is raised here, before any model is loaded.
+
+    The defaults are those of the upstream script for the model: `--resolution 1024` for Stable Diffusion XL.
+    """
+    parser = arg_groups.text_to_image_parser(sdxl=is_sdxl(_peek_model_reference(argv)))
     args = parser.parse_args(argv)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
     arg_groups.validate_text_to_image_args(args, parser)
     return args
+
+
+def _peek_model_reference(argv: list[str] | None) -> argparse.Namespace:
+    """`--pretrained_model_name_or_path` and `--revision` alone, to choose the parser's defaults."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--pretrained_model_name_or_path", default=None)
+    peek.add_argument("--revision", default=None)
+    return peek.parse_known_args(argv)[0]
+
+
+def is_sdxl(args) -> bool:
+    """Whether `args.pretrained_model_name_or_path` is a Stable Diffusion XL pipeline (see `is_sdxl_pipeline`)."""
+    if args.pretrained_model_name_or_path is None:
+        return False
+    return arg_groups.is_sdxl_pipeline(args.pretrained_model_name_or_path, args.revision)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,51 +82,84 @@ def setup_accelerator(args) -> Accelerator:
     return accelerator
 
 
-def load_tokenizer(args):
-    """The CLIP tokenizer (files only: cheap, so the data can be checked before any model is loaded)."""
-    if args.pretrained_model_name_or_path.startswith(arg_groups.ARCHITECTURE_PREFIX):
-        from diffusers_lowmem import architectures
+def text_encoder_roles(sdxl: bool) -> tuple[str, ...]:
+    """The pipeline attributes (and adapter roles) of the text encoders: SDXL has a second one."""
+    return ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
 
-        return architectures.build_tokenizer(args.pretrained_model_name_or_path[len(arg_groups.ARCHITECTURE_PREFIX) :])
-    from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
+def _architecture_name(args) -> str | None:
+    reference = args.pretrained_model_name_or_path
+    return (
+        reference[len(arg_groups.ARCHITECTURE_PREFIX) :]
+        if reference.startswith(arg_groups.ARCHITECTURE_PREFIX)
+        else None
     )
 
 
-def load_models(args, weight_dtype: torch.dtype):
-    """Text encoder, VAE, UNet and noise scheduler, on the CPU in `weight_dtype` (meta for architectures).
-
-    `--pretrained_model_name_or_path architecture:NAME` builds a real architecture (e.g. `sd15`) with random
-    weights on the meta device, for memory profiling without a download.
-    """
-    if args.pretrained_model_name_or_path.startswith(arg_groups.ARCHITECTURE_PREFIX):
+def load_tokenizers(args, sdxl: bool) -> list:
+    """The CLIP tokenizer(s), one per text encoder (files only: cheap, so the data can be checked before any model
+    is loaded)."""
+    subfolders = [role.replace("text_encoder", "tokenizer") for role in text_encoder_roles(sdxl)]
+    name = _architecture_name(args)
+    if name is not None:
         from diffusers_lowmem import architectures
 
-        name = args.pretrained_model_name_or_path[len(arg_groups.ARCHITECTURE_PREFIX) :]
-        return (
-            architectures.build_on_meta(name, "text_encoder"),
-            architectures.build_on_meta(name, "vae"),
-            architectures.build_on_meta(name, "unet"),
-            architectures.build_scheduler(name),
-        )
+        return [architectures.build_tokenizer(name, subfolder) for subfolder in subfolders]
+    from transformers import CLIPTokenizer
+
+    return [
+        CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision)
+        for subfolder in subfolders
+    ]
+
+
+def load_models(args, weight_dtype: torch.dtype, sdxl: bool = False):
+    """Text encoders (`{role: model}`), VAE, UNet and noise scheduler, on the CPU in `weight_dtype` (meta for
+    architectures).
+
+    `--pretrained_model_name_or_path architecture:NAME` builds a real architecture (e.g. `sd15`) with random
+    weights on the meta device, for memory profiling without a download. As upstream, the SDXL VAE stays in float32
+    unless `--pretrained_vae_model_name_or_path` gives one (SDXL's own VAE overflows in float16).
+    """
+    roles = text_encoder_roles(sdxl)
+    name = _architecture_name(args)
+    if name is not None:
+        from diffusers_lowmem import architectures
+
+        text_encoders = {role: architectures.build_on_meta(name, role) for role in roles}
+        vae = architectures.build_on_meta(name, "vae")
+        return text_encoders, vae, architectures.build_on_meta(name, "unet"), architectures.build_scheduler(name)
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    text_encoder = CLIPTextModel.from_pretrained(
-        path, subfolder="text_encoder", revision=revision, variant=variant, torch_dtype=weight_dtype
-    )
+    # SDXL's second encoder is the one with the projection that gives the pooled embedding.
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    text_encoders = {
+        role: classes[role].from_pretrained(
+            path, subfolder=role, revision=revision, variant=variant, torch_dtype=weight_dtype
+        )
+        for role in roles
+    }
+    vae_path = args.pretrained_vae_model_name_or_path
     vae = AutoencoderKL.from_pretrained(
-        path, subfolder="vae", revision=revision, variant=variant, torch_dtype=weight_dtype
+        vae_path or path,
+        subfolder=None if vae_path else "vae",
+        revision=revision,
+        variant=variant,
+        torch_dtype=vae_dtype(args, weight_dtype, sdxl),
     )
     unet = UNet2DConditionModel.from_pretrained(
         path, subfolder="unet", revision=revision, variant=variant, torch_dtype=weight_dtype
     )
-    return text_encoder, vae, unet, noise_scheduler
+    return text_encoders, vae, unet, noise_scheduler
+
+
+def vae_dtype(args, weight_dtype: torch.dtype, sdxl: bool) -> torch.dtype:
+    """float32 for SDXL's own VAE (it overflows in float16), as upstream; else the training dtype."""
+    return torch.float32 if sdxl and args.pretrained_vae_model_name_or_path is None else weight_dtype
 
 
 def place_frozen_model(model, args, weight_dtype, device, skip=(), quant_storage=torch.uint8):
@@ -127,27 +180,42 @@ def place_frozen_model(model, args, weight_dtype, device, skip=(), quant_storage
     return None
 
 
-def attach_adapters(args, unet, text_encoder) -> dict:
-    """LyCORIS networks on the UNet (and the text encoder with `--train_text_encoder`), adapter weights in fp32."""
+def place_vae(vae, args, weight_dtype, device, sdxl: bool) -> None:
+    """Freezes the VAE and moves it to `device` (never quantized: it runs once per image)."""
+    vae.requires_grad_(False)
+    dtype = vae_dtype(args, weight_dtype, sdxl)
+    quantization.materialize_meta_(vae, device, dtype)
+    vae.to(device, dtype=dtype)
+
+
+def attach_adapters(args, unet, text_encoders: dict, sdxl: bool = False) -> dict:
+    """LyCORIS networks on the UNet (and every text encoder with `--train_text_encoder`), adapter weights in fp32.
+
+    Keys are kohya's: `lora_unet_`, and `lora_te_` for SD 1.x/2.x or `lora_te1_`/`lora_te2_` for SDXL.
+    """
     config = arg_groups.adapter_config_from_args(args)
-    networks = {"unet": adapters.attach_adapter(unet, config, role="unet")}
+    networks = {"unet": adapters.attach_adapter(unet, config, role="unet", sdxl=sdxl)}
     if args.train_text_encoder:
-        networks["text_encoder"] = adapters.attach_adapter(text_encoder, config, role="text_encoder")
+        for role, text_encoder in text_encoders.items():
+            networks[role] = adapters.attach_adapter(text_encoder, config, role=role, sdxl=sdxl)
     # attach_adapter registers each network as a child of its model (so DDP, autocast and accelerate's hooks see
     # it) and keeps it in fp32 under fp16/bf16 mixed precision.
     return networks
 
 
-def enable_gradient_checkpointing(args, unet, text_encoder) -> None:
+def enable_gradient_checkpointing(args, unet, text_encoders: dict) -> None:
     if not args.gradient_checkpointing:
         return
     unet.enable_gradient_checkpointing()
     if args.train_text_encoder:
-        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for text_encoder in text_encoders.values():
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def enable_attention_backend(args, unet) -> None:
-    """SDPA is diffusers' default; xformers only when asked."""
+    """SDPA is diffusers' default; xformers or NPU flash attention only when asked."""
+    if args.enable_npu_flash_attention:
+        unet.enable_npu_flash_attention()
     if not args.enable_xformers_memory_efficient_attention:
         return
     try:
@@ -159,7 +227,7 @@ def enable_attention_backend(args, unet) -> None:
     unet.enable_xformers_memory_efficient_attention()
 
 
-def build_dataset(args, tokenizer, seed: int) -> training.PerSampleSeedDataset:
+def build_dataset(args, tokenizers: list, seed: int) -> training.PerSampleSeedDataset:
     """The image-caption dataset with upstream preprocessing; augmentations depend on (seed, epoch, index) only."""
     raw_dataset = data.load_image_caption_dataset(
         dataset_name=args.dataset_name,
@@ -174,7 +242,7 @@ def build_dataset(args, tokenizer, seed: int) -> training.PerSampleSeedDataset:
     )
     train_dataset = data.make_text_to_image_dataset(
         raw_dataset,
-        [tokenizer],
+        tokenizers,
         preprocessor,
         image_column=args.image_column,
         caption_column=args.caption_column,
@@ -198,23 +266,105 @@ def build_dataloader(args, dataset, seed: int, collate_fn=data.collate_text_to_i
 
 @torch.no_grad()
 def encode_latents(vae, pixel_values, weight_dtype):
-    latents = vae.encode(pixel_values.to(device=vae.device, dtype=weight_dtype)).latent_dist.sample()
-    return latents * vae.config.scaling_factor
+    latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
+    return (latents * vae.config.scaling_factor).to(weight_dtype)
+
+
+def encode_prompt(batch, text_encoders: dict, sdxl: bool):
+    """The UNet's text conditioning: `(prompt_embeds, pooled_prompt_embeds)`, the latter None for SD 1.x/2.x.
+
+    SD 1.x/2.x: the last hidden states of the text encoder. SDXL, as upstream's `encode_prompt`: the penultimate
+    hidden states of both encoders concatenated, and the pooled (projected) output of the second. Outputs cached by
+    `cache_text_encoder_outputs` are taken from the batch.
+    """
+    if "prompt_embeds" in batch:
+        return batch["prompt_embeds"], batch.get("pooled_prompt_embeds")
+    if not sdxl:
+        text_encoder = text_encoders["text_encoder"]
+        return text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0], None
+    prompt_embeds = []
+    for position, text_encoder in enumerate(text_encoders.values()):
+        input_ids = batch["input_ids" if position == 0 else f"input_ids_{position + 1}"]
+        outputs = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True, return_dict=False)
+        pooled_prompt_embeds = outputs[0]  # only the last encoder's is used
+        prompt_embeds.append(outputs[-1][-2])
+    return torch.cat(prompt_embeds, dim=-1), pooled_prompt_embeds
+
+
+def compute_time_ids(args, batch, device, weight_dtype) -> torch.Tensor:
+    """SDXL's size conditioning, as upstream: original size, crop top-left and target size per image, (N, 6)."""
+    original_sizes, crop_top_lefts = batch["original_sizes"], batch["crop_top_lefts"]
+    target_sizes = torch.full_like(original_sizes, args.resolution)
+    return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).to(device, dtype=weight_dtype)
+
+
+def unet_conditioning(args, batch, text_encoders: dict, sdxl: bool, device, weight_dtype):
+    """`(encoder_hidden_states, added_cond_kwargs)` for the UNet; `added_cond_kwargs` (pooled text embeddings and
+    time ids) only for SDXL, None otherwise."""
+    prompt_embeds, pooled_prompt_embeds = encode_prompt(batch, text_encoders, sdxl)
+    if not sdxl:
+        return prompt_embeds.to(device), None
+    added_cond_kwargs = {
+        "text_embeds": pooled_prompt_embeds.to(device),
+        "time_ids": compute_time_ids(args, batch, device, weight_dtype),
+    }
+    return prompt_embeds.to(device), added_cond_kwargs
+
+
+def _cache(dataset, batch_size: int, description: str, encode) -> list[dict]:
+    """`encode(batch)` -> {key: (N, ...) tensor} over the whole dataset once, split back into one dict per item."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate_text_to_image)
+    cached = []
+    for batch in tqdm(loader, desc=description):
+        encoded = {key: value.cpu() for key, value in encode(batch).items()}
+        batch_size = len(next(iter(encoded.values())))
+        cached.extend({key: value[index] for key, value in encoded.items()} for index in range(batch_size))
+    return cached
 
 
 @torch.no_grad()
 def cache_latents(dataset, vae, weight_dtype, batch_size: int) -> list[dict]:
-    """Encodes every sample once; augmentations are fixed at caching time, as in kohya's scripts."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate_text_to_image)
-    cached = []
-    for batch in tqdm(loader, desc="Caching latents"):
-        latents = encode_latents(vae, batch["pixel_values"], weight_dtype).cpu()
-        for index in range(latents.shape[0]):
-            cached.append({"latents": latents[index], "input_ids": batch["input_ids"][index]})
-    return cached
+    """Encodes every sample once; augmentations are fixed at caching time, as in kohya's scripts.
+
+    Returns:
+        Items with `latents` in place of `pixel_values`, every other key (token ids, SDXL sizes) kept.
+    """
+
+    def encode(batch):
+        kept = {key: value for key, value in batch.items() if key != "pixel_values"}
+        return {"latents": encode_latents(vae, batch["pixel_values"], weight_dtype), **kept}
+
+    return _cache(dataset, batch_size, "Caching latents", encode)
 
 
-def compute_loss(args, batch, unet, text_encoder, vae, noise_scheduler, weight_dtype):
+@torch.no_grad()
+def cache_text_encoder_outputs(dataset, text_encoders: dict, sdxl: bool, batch_size: int) -> data.WithCachedEncodings:
+    """Encodes every caption once with the frozen text encoders (`--cache_text_encoder_outputs`).
+
+    Returns:
+        The dataset with `prompt_embeds` (and SDXL's `pooled_prompt_embeds`) in place of the token ids; images are
+        still preprocessed (and augmented) per fetch.
+    """
+
+    def encode(batch):
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(batch, text_encoders, sdxl)
+        encoded = {"prompt_embeds": prompt_embeds}
+        if pooled_prompt_embeds is not None:
+            encoded["pooled_prompt_embeds"] = pooled_prompt_embeds
+        return encoded
+
+    return data.WithCachedEncodings(dataset, _cache(dataset, batch_size, "Caching text-encoder outputs", encode))
+
+
+def move_off_device(*models) -> None:
+    """Moves models that are no longer needed on the device (after caching) to the CPU."""
+    for model in models:
+        model.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def compute_loss(args, batch, unet, text_encoders: dict, vae, noise_scheduler, weight_dtype, sdxl: bool = False):
     """The upstream objective: predict the noise (or v) added at a random timestep, optionally SNR-weighted."""
     if "latents" in batch:
         latents = batch["latents"].to(unet.device)
@@ -226,7 +376,9 @@ def compute_loss(args, batch, unet, text_encoder, vae, noise_scheduler, weight_d
     batch_size = latents.shape[0]
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), device=latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps.long())
-    encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
+    encoder_hidden_states, added_cond_kwargs = unet_conditioning(
+        args, batch, text_encoders, sdxl, latents.device, weight_dtype
+    )
 
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -237,7 +389,9 @@ def compute_loss(args, batch, unet, text_encoder, vae, noise_scheduler, weight_d
     else:
         raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
 
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(
+        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+    )[0]
     if args.snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     from diffusers.training_utils import compute_snr
@@ -305,9 +459,10 @@ def main(args: argparse.Namespace) -> dict:
         seed = training.read_training_state(resume_path).get("seed", seed) if args.seed is None else seed
 
     # Data first: a missing column or an unreadable image fails here, before any model is loaded or file written.
-    tokenizer = load_tokenizer(args)
+    sdxl = is_sdxl(args)
+    tokenizers = load_tokenizers(args, sdxl)
     try:
-        train_dataset = build_dataset(args, tokenizer, seed)
+        train_dataset = build_dataset(args, tokenizers, seed)
     except ValueError as error:
         raise SystemExit(f"Bad training data: {error}") from error
     skipped_images = train_dataset.dataset.skipped_images
@@ -320,43 +475,41 @@ def main(args: argparse.Namespace) -> dict:
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
 
     # Load the frozen base: quantized layer by layer on the way to the device with --quant.
-    text_encoder, vae, unet, noise_scheduler = load_models(args, weight_dtype)
+    text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype, sdxl)
     frozen = {"skip": args.quant_skip or (), "quant_storage": training.quant_storage_dtype(accelerator, weight_dtype)}
     quant_reports = {
-        "unet": place_frozen_model(unet, args, weight_dtype, accelerator.device, **frozen),
-        "text_encoder": place_frozen_model(text_encoder, args, weight_dtype, accelerator.device, **frozen),
+        role: place_frozen_model(model, args, weight_dtype, accelerator.device, **frozen)
+        for role, model in {"unet": unet, **text_encoders}.items()
     }
-    vae.requires_grad_(False)
-    quantization.materialize_meta_(vae, accelerator.device, weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    tracker.watch(models=[unet, text_encoder, vae])
+    place_vae(vae, args, weight_dtype, accelerator.device, sdxl)
+    tracker.watch(models=[unet, *text_encoders.values(), vae])
     tracker.milestone("after_model_load")
 
-    networks = attach_adapters(args, unet, text_encoder)
-    enable_gradient_checkpointing(args, unet, text_encoder)
+    networks = attach_adapters(args, unet, text_encoders, sdxl)
+    enable_gradient_checkpointing(args, unet, text_encoders)
     enable_attention_backend(args, unet)
-    tracker.watch(models=[unet, text_encoder, vae])
+    tracker.watch(models=[unet, *text_encoders.values(), vae])
     tracker.milestone("after_adapter")
 
-    collate_fn = data.collate_text_to_image
+    # Frozen encoders can run once per image before training and then leave the device.
+    cached_away = []
     if args.cache_latents:
         train_dataset = cache_latents(train_dataset, vae, weight_dtype, args.train_batch_size)
-        collate_fn = torch.utils.data.default_collate
-        vae.to("cpu")  # the VAE leaves the device once latents are cached
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    train_dataloader = build_dataloader(args, train_dataset, seed, collate_fn)
+        cached_away.append(vae)
+    if args.cache_text_encoder_outputs:
+        train_dataset = cache_text_encoder_outputs(train_dataset, text_encoders, sdxl, args.train_batch_size)
+        cached_away.extend(text_encoders.values())
+    move_off_device(*cached_away)
+    train_dataloader = build_dataloader(args, train_dataset, seed)
 
     # Optimizer and schedule, as upstream.
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     param_groups = [{"params": training.trainable_parameters(networks["unet"]), "lr": args.learning_rate}]
-    if "text_encoder" in networks:
+    trained_roles = [role for role in text_encoders if role in networks]
+    for role in trained_roles:
         param_groups.append(
-            {
-                "params": training.trainable_parameters(networks["text_encoder"]),
-                "lr": args.text_encoder_lr or args.learning_rate,
-            }
+            {"params": training.trainable_parameters(networks[role]), "lr": args.text_encoder_lr or args.learning_rate}
         )
     optimizer = training.create_optimizer(
         param_groups,
@@ -374,11 +527,11 @@ def main(args: argparse.Namespace) -> dict:
         args.lr_scheduler, optimizer, args.lr_warmup_steps, max_train_steps, accelerator.num_processes
     )
 
-    models_to_prepare = [unet] + ([text_encoder] if "text_encoder" in networks else [])
-    prepared = accelerator.prepare(*models_to_prepare, optimizer, train_dataloader, lr_scheduler)
+    prepared = accelerator.prepare(
+        unet, *(text_encoders[role] for role in trained_roles), optimizer, train_dataloader, lr_scheduler
+    )
     unet = prepared[0]
-    if "text_encoder" in networks:
-        text_encoder = prepared[1]
+    text_encoders.update(zip(trained_roles, prepared[1 : 1 + len(trained_roles)]))
     optimizer, train_dataloader, lr_scheduler = prepared[-3:]
     # The prepared loader is sharded across processes: recompute the schedule from its length, as upstream does.
     num_batches = len(train_dataloader)
@@ -391,7 +544,7 @@ def main(args: argparse.Namespace) -> dict:
             networks, Path(directory) / adapters.DIFFUSERS_WEIGHT_NAME
         ),
     )
-    tracker.watch(models=[unet, text_encoder, vae], optimizer=optimizer)
+    tracker.watch(models=[unet, *text_encoders.values(), vae], optimizer=optimizer)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("text2image-fine-tune", config=training.tracker_config(args))
@@ -421,7 +574,7 @@ def main(args: argparse.Namespace) -> dict:
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    trained_modules = [unet] + ([text_encoder] if "text_encoder" in networks else [])
+    trained_modules = [unet, *(text_encoders[role] for role in trained_roles)]
     params_to_clip = [p for group in param_groups for p in group["params"]]
     first_step_of_run = global_step + 1
     loss = torch.tensor(float("nan"))
@@ -434,7 +587,7 @@ def main(args: argparse.Namespace) -> dict:
             for module in trained_modules:
                 module.train()
             train_dataloader.set_epoch(epoch)
-            if isinstance(train_dataset, training.PerSampleSeedDataset):
+            if hasattr(train_dataset, "set_epoch"):  # not a list of cached latents
                 train_dataset.set_epoch(epoch)
             batches = train_dataloader
             if epoch == first_epoch and resume_batch:
@@ -444,7 +597,7 @@ def main(args: argparse.Namespace) -> dict:
                 # Noise, timesteps and dropout of this micro-batch depend on (seed, epoch, batch) only.
                 training.seed_step(seed, epoch * num_batches + batch_index)
                 with accelerator.accumulate(*trained_modules):
-                    loss = compute_loss(args, batch, unet, text_encoder, vae, noise_scheduler, weight_dtype)
+                    loss = compute_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
                     if not training.loss_is_finite(loss, accelerator):
                         if not args.skip_nonfinite_loss:
                             raise training.nonfinite_loss_error(loss, global_step, args.output_dir)
@@ -489,9 +642,10 @@ def main(args: argparse.Namespace) -> dict:
 
             validation_due = args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and not stopped_by
             if accelerator.is_main_process and validation_due:
-                pipeline = _pipeline_for_validation(args, accelerator, unet, text_encoder, vae, weight_dtype)
+                pipeline = _pipeline_for_validation(args, accelerator, unet, text_encoders, vae, weight_dtype, sdxl)
                 log_validation(pipeline, args, accelerator, epoch)
                 del pipeline
+                move_off_device(*cached_away)
 
     if stopped_by:
         path = training.stop_with_checkpoint(
@@ -531,7 +685,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.validation_prompt and not args.pretrained_model_name_or_path.startswith(
             arg_groups.ARCHITECTURE_PREFIX
         ):
-            run_final_test(args, accelerator, weight_dtype)
+            run_final_test(args, accelerator, weight_dtype, sdxl)
     accelerator.end_training()
     return {"global_step": global_step, "loss": float(loss.detach().item()), "weights": weights_path}
 
@@ -543,24 +697,31 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=1)
-    tokenizer = load_tokenizer(args)
-    text_encoder, vae, unet, noise_scheduler = load_models(args, weight_dtype)
-    for model in (unet, text_encoder):
+    sdxl = is_sdxl(args)
+    tokenizers = load_tokenizers(args, sdxl)
+    text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype, sdxl)
+    for model in (unet, *text_encoders.values()):
         place_frozen_model(model, args, weight_dtype, accelerator.device, skip=args.quant_skip or ())
-    vae.requires_grad_(False)
-    quantization.materialize_meta_(vae, accelerator.device, weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    tracker.watch(models=[unet, text_encoder, vae])
+    place_vae(vae, args, weight_dtype, accelerator.device, sdxl)
+    tracker.watch(models=[unet, *text_encoders.values(), vae])
     tracker.milestone("after_model_load")
     latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     latents = torch.randn(
         args.train_batch_size, unet.config.in_channels, latent_size, latent_size, device=accelerator.device
     )
-    input_ids = torch.zeros(args.train_batch_size, tokenizer.model_max_length, dtype=torch.long)
+    batch = _placeholder_text_batch(args, tokenizers)
     with torch.no_grad(), accelerator.autocast():
-        encoder_hidden_states = text_encoder(input_ids.to(accelerator.device), return_dict=False)[0]
+        encoder_hidden_states, added_cond_kwargs = unet_conditioning(
+            args, batch, text_encoders, sdxl, accelerator.device, weight_dtype
+        )
         timesteps = torch.full((args.train_batch_size,), 500, device=accelerator.device)
-        unet(latents.to(weight_dtype), timesteps, encoder_hidden_states, return_dict=False)
+        unet(
+            latents.to(weight_dtype),
+            timesteps,
+            encoder_hidden_states,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )
     tracker.milestone("after_first_step", step=1)
     tracker.log_step(1)
     if accelerator.is_main_process:
@@ -569,29 +730,63 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
     return tracker.report()
 
 
-def run_final_test(args, accelerator, weight_dtype) -> None:
-    """Reloads the saved adapter from disk into a fresh pipeline and logs test images, as upstream does."""
-    from diffusers import StableDiffusionPipeline
+def _placeholder_text_batch(args, tokenizers) -> dict:
+    """Token ids of padding and SDXL's size conditioning at the training resolution, for `measure_frozen_base`."""
+    batch = {}
+    for position, tokenizer in enumerate(tokenizers):
+        key = "input_ids" if position == 0 else f"input_ids_{position + 1}"
+        batch[key] = torch.zeros(args.train_batch_size, tokenizer.model_max_length, dtype=torch.long)
+    batch["original_sizes"] = torch.full((args.train_batch_size, 2), args.resolution)
+    batch["crop_top_lefts"] = torch.zeros(args.train_batch_size, 2, dtype=torch.long)
+    return batch
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=weight_dtype
-    ).to(accelerator.device)
+
+def pipeline_class(sdxl: bool):
+    """The diffusers pipeline that validates and tests: `StableDiffusionXLPipeline` for SDXL."""
+    import diffusers
+
+    return diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+
+
+def run_final_test(args, accelerator, weight_dtype, sdxl: bool = False) -> None:
+    """Reloads the saved adapter from disk into a fresh pipeline and logs test images, as upstream does."""
+    components = {} if args.pretrained_vae_model_name_or_path is None else {"vae": _load_vae_for_pipeline(args)}
+    pipeline = (
+        pipeline_class(sdxl)
+        .from_pretrained(
+            args.pretrained_model_name_or_path,
+            revision=args.revision,
+            variant=args.variant,
+            torch_dtype=weight_dtype,
+            **components,
+        )
+        .to(accelerator.device)
+    )
     adapters.load_adapter(pipeline, args.output_dir)
     log_validation(pipeline, args, accelerator, epoch=args.num_train_epochs, phase="test")
 
 
-def _pipeline_for_validation(args, accelerator, unet, text_encoder, vae, weight_dtype):
-    from diffusers import StableDiffusionPipeline
+def _load_vae_for_pipeline(args):
+    from diffusers import AutoencoderKL
 
-    return StableDiffusionPipeline.from_pretrained(
+    return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=args.revision)
+
+
+def _pipeline_for_validation(args, accelerator, unet, text_encoders: dict, vae, weight_dtype, sdxl: bool = False):
+    """A pipeline around the models being trained, all on the device (cached-away encoders and VAE come back)."""
+    components = {
+        role: accelerator.unwrap_model(model).to(accelerator.device) for role, model in text_encoders.items()
+    }
+    if not sdxl:
+        components["safety_checker"] = None
+    return pipeline_class(sdxl).from_pretrained(
         args.pretrained_model_name_or_path,
         unet=accelerator.unwrap_model(unet),
-        text_encoder=accelerator.unwrap_model(text_encoder),
         vae=vae.to(accelerator.device),
         revision=args.revision,
         variant=args.variant,
         torch_dtype=weight_dtype,
-        safety_checker=None,
+        **components,
     )
 
 
