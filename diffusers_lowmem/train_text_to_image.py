@@ -88,12 +88,11 @@ def text_encoder_roles(sdxl: bool) -> tuple[str, ...]:
 
 
 def _architecture_name(args) -> str | None:
+    """NAME of `--pretrained_model_name_or_path architecture:NAME`, else None."""
     reference = args.pretrained_model_name_or_path
-    return (
-        reference[len(arg_groups.ARCHITECTURE_PREFIX) :]
-        if reference.startswith(arg_groups.ARCHITECTURE_PREFIX)
-        else None
-    )
+    if not reference.startswith(arg_groups.ARCHITECTURE_PREFIX):
+        return None
+    return reference.removeprefix(arg_groups.ARCHITECTURE_PREFIX)
 
 
 def load_tokenizers(args, sdxl: bool) -> list:
@@ -642,6 +641,9 @@ def main(args: argparse.Namespace) -> dict:
 
             validation_due = args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and not stopped_by
             if accelerator.is_main_process and validation_due:
+                if args.cache_text_encoder_outputs:  # they come back for the pipeline, and leave again after
+                    for text_encoder in text_encoders.values():
+                        text_encoder.to(accelerator.device)
                 pipeline = _pipeline_for_validation(args, accelerator, unet, text_encoders, vae, weight_dtype, sdxl)
                 log_validation(pipeline, args, accelerator, epoch)
                 del pipeline
@@ -773,10 +775,8 @@ def _load_vae_for_pipeline(args):
 
 
 def _pipeline_for_validation(args, accelerator, unet, text_encoders: dict, vae, weight_dtype, sdxl: bool = False):
-    """A pipeline around the models being trained, all on the device (cached-away encoders and VAE come back)."""
-    components = {
-        role: accelerator.unwrap_model(model).to(accelerator.device) for role, model in text_encoders.items()
-    }
+    """A pipeline around the models being trained (the VAE comes back to the device if latents were cached)."""
+    components = {role: accelerator.unwrap_model(model) for role, model in text_encoders.items()}
     if not sdxl:
         components["safety_checker"] = None
     return pipeline_class(sdxl).from_pretrained(

@@ -272,6 +272,7 @@ def test_validation_and_final_test_images_go_to_tensorboard(tiny_sd_path, tiny_i
     "options",
     [
         ["--cache_latents"],
+        ["--cache_text_encoder_outputs", "--cache_latents"],
         ["--snr_gamma", "5.0", "--noise_offset", "0.1"],
         ["--prediction_type", "v_prediction"],
         ["--gradient_checkpointing", "--train_text_encoder", "--text_encoder_lr", "1e-4"],
@@ -280,7 +281,17 @@ def test_validation_and_final_test_images_go_to_tensorboard(tiny_sd_path, tiny_i
         ["--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5", "--lr_scheduler", "cosine", "--scale_lr"],
         ["--center_crop", "--random_flip", "--image_interpolation_mode", "bicubic", "--max_train_samples", "6"],
     ],
-    ids=["cache-latents", "snr-noise-offset", "v-prediction", "grad-ckpt-te", "8bit-adam", "bf16", "accum", "data"],
+    ids=[
+        "cache-latents",
+        "cache-text",
+        "snr-noise-offset",
+        "v-prediction",
+        "grad-ckpt-te",
+        "8bit-adam",
+        "bf16",
+        "accum",
+        "data",
+    ],
 )
 def test_upstream_training_options_train(options, tiny_sd_path, tiny_images_path, tmp_path):
     summary = run(train_argv(tiny_sd_path, tiny_images_path, tmp_path, "--max_train_steps", "2", *options))

@@ -225,10 +225,13 @@ def test_cached_text_encoder_outputs_give_the_same_training(tiny_sdxl_path, tiny
         torch.testing.assert_close(trained[key], expected[key], atol=1e-5, rtol=1e-4)
 
 
-def test_cached_latents_and_text_with_validation_use_the_sdxl_pipeline(tiny_sdxl_path, tiny_images_path, tmp_path):
+def test_cached_latents_and_text_separate_vae_and_validation_use_the_sdxl_pipeline(
+    tiny_sdxl_path, tiny_images_path, tmp_path
+):
     extra = ["--adapter", "lokr", "--quant", "nf4", "--cache_latents", "--cache_text_encoder_outputs"]
     extra += ["--max_train_steps", "4", "--validation_prompt", "a red circle", "--num_validation_images", "1"]
     extra += ["--gradient_checkpointing", "--snr_gamma", "5.0"]
+    extra += ["--pretrained_vae_model_name_or_path", str(tiny_sdxl_path / "vae")]
     summary = run(train_argv(tiny_sdxl_path, tiny_images_path, tmp_path, *extra))
     assert summary["global_step"] == 4
     # 8 images / batch 2 = 4 steps: one validation image after the epoch, one from the adapter reloaded from disk.
