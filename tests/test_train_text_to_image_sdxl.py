@@ -260,3 +260,18 @@ def test_cached_text_encoders_leave_the_device(tiny_sdxl_path, tiny_images_path,
         return report["breakdown"]["frozen_weights"]
 
     assert frozen_bytes(tmp_path / "cached", "--cache_text_encoder_outputs") < frozen_bytes(tmp_path / "uncached")
+
+
+def test_resumed_sdxl_run_ends_with_the_same_adapter_as_an_uninterrupted_one(
+    tiny_sdxl_path, tiny_images_path, tmp_path
+):
+    common = ["--adapter", "lora", "--train_text_encoder", "--random_flip", "--checkpointing_steps", "2"]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run(train_argv(tiny_sdxl_path, tiny_images_path, uninterrupted, *common, "--max_train_steps", "4"))
+    run(train_argv(tiny_sdxl_path, tiny_images_path, interrupted, *common, "--max_train_steps", "2"))
+    resume = ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
+    assert run(train_argv(tiny_sdxl_path, tiny_images_path, interrupted, *common, *resume))["global_step"] == 4
+    expected = load_file(uninterrupted / adapters.DIFFUSERS_WEIGHT_NAME)
+    resumed = load_file(interrupted / adapters.DIFFUSERS_WEIGHT_NAME)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
