@@ -12,6 +12,7 @@ bitsandbytes is imported on first use: importing it costs seconds (it imports `t
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from collections import defaultdict
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from diffusers_lowmem.memory import MIB, count_bytes
+from diffusers_lowmem.quantized_conv import is_quantizable_conv, is_quantized_conv, quantize_conv
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +230,11 @@ def _is_quantized_parameter(parameter) -> bool:
 def is_quantized_module(module: nn.Module) -> bool:
     """Whether `module` holds its own weight quantized by bitsandbytes (4-bit `Params4bit` or int8 `Int8Params`).
 
-    A bitsandbytes layer whose weight has not been quantized yet (it quantizes on `.to(device)`) is not.
+    A bitsandbytes layer whose weight has not been quantized yet (it quantizes on `.to(device)`) is not. Quantized
+    convolutions (`quantized_conv`, stored with bitsandbytes' functional API) are.
     """
+    if is_quantized_conv(module):
+        return True
     return _is_quantized_parameter(module._parameters.get("weight"))
 
 
@@ -376,6 +381,20 @@ def _select_linears(model: nn.Module, skip) -> tuple[list[str], list[str]]:
             skipped.append(name)
         elif id(module) in multihead:
             logger.warning(f"Not quantizing {name}: nn.MultiheadAttention uses its weight directly")
+            skipped.append(name)
+        else:
+            selected.append(name)
+    return selected, skipped
+
+
+def _select_convolutions(model: nn.Module, skip) -> tuple[list[str], list[str]]:
+    """Names of the plain `nn.Conv1d` / `nn.Conv2d` layers to quantize, and of those `skip` keeps."""
+    tied = _tied_parameter_ids(model)
+    selected, skipped = [], []
+    for name, module in model.named_modules():
+        if not name or not is_quantizable_conv(module):
+            continue
+        if matches_any(name, skip) or id(module.weight) in tied:
             skipped.append(name)
         else:
             selected.append(name)
@@ -622,6 +641,42 @@ def _place_rest_(model: nn.Module, device: torch.device | None, dtype: torch.dty
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _quantize_convolutions_(model, mode, compute_dtype, target, skip, compute_errors, report, parents) -> None:
+    """Replaces the selected convolutions by quantized ones, one at a time, and adds them to `report`."""
+    selected, skipped = _select_convolutions(model, skip)
+    report.skipped.extend(skipped)
+    seen_before, seen_after = set(), set()
+    for name in selected:
+        conv = model.get_submodule(name)
+        device = _target_device(conv, target)
+        weight = _float_weight(conv, compute_dtype, device)
+        bytes_before = count_bytes(conv.parameters(), seen_before)
+        source = conv
+        if conv.weight.device.type == "meta":
+            source = copy.copy(conv)  # a shallow copy with a real weight; the meta layer is left as it was
+            source._parameters = dict(conv._parameters, weight=nn.Parameter(weight, requires_grad=False))
+            if conv.bias is not None:
+                source._parameters["bias"] = _bias(conv, device, compute_dtype)
+        layer = quantize_conv(source, mode, compute_dtype=compute_dtype, device=device)
+        for parent, attribute in parents[id(conv)]:
+            setattr(parent, attribute, layer)
+        relative_error = None
+        if compute_errors:
+            relative_error = _relative_error(
+                weight.float().flatten(1), layer.dequantized_weight(torch.float32).flatten(1)
+            )
+        report.layers.append(
+            LayerQuantization(
+                name=name,
+                shape=tuple(conv.weight.shape),
+                bytes_before=bytes_before,
+                bytes_after=count_bytes(list(layer.parameters()) + list(layer.buffers()), seen_after),
+                relative_error=relative_error,
+            )
+        )
+        del conv, layer, source, weight
+
+
 def quantize_model(
     model: nn.Module,
     mode: str,
@@ -632,6 +687,7 @@ def quantize_model(
     compute_errors: bool = True,
     cast_rest: bool = True,
     quant_storage: torch.dtype = torch.uint8,
+    convolutions: bool = False,
 ) -> QuantizationReport:
     """Quantizes every `nn.Linear` of `model` with bitsandbytes, in place, one layer at a time.
 
@@ -664,6 +720,8 @@ def quantize_model(
         cast_rest: Cast the parameters and buffers outside the quantized layers to `compute_dtype`.
         quant_storage: NF4 only: the dtype the packed 4-bit weights are stored as (the bytes are the same). FSDP
             flattens parameters of one dtype only: give it the dtype of the rest of the model (`compute_dtype`).
+        convolutions: Also store every plain `nn.Conv1d` / `nn.Conv2d` (not matched by `skip`) in the same format
+            with bitsandbytes' functional API (`quantized_conv.quantize_conv`); they are listed in the report too.
 
     Returns:
         The report: converted layers with their bytes before and after and their error, and the skipped names.
@@ -704,6 +762,8 @@ def quantize_model(
         )
         # Frees the float layer before the next one is quantized (unless the caller holds a reference to it).
         del linear, layer
+    if convolutions:
+        _quantize_convolutions_(model, checked_mode, compute_dtype, target, skip, compute_errors, report, parents)
     _place_rest_(model, target, compute_dtype, cast=cast_rest)
     logger.info(
         f"Quantized {report.num_layers} nn.Linear layers of {type(model).__name__} to {checked_mode} "
