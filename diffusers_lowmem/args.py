@@ -1,8 +1,10 @@
 """Command-line arguments shared by the trainers: upstream flags, flag for flag, plus adapter, quantization and memory.
 
 `text_to_image_parser()` accepts every flag of diffusers' `examples/text_to_image/train_text_to_image_lora.py` and
-`causal_lm_parser()` every flag of transformers' `examples/pytorch/language-modeling/run_clm_no_trainer.py`, with
-the same defaults, types and choices, so an upstream command line runs unchanged. The groups both trainers add on top
+`train_text_to_image_lora_sdxl.py` (`text_to_image_parser(sdxl=True)` with the SDXL script's defaults; see
+`is_sdxl_pipeline`) and `causal_lm_parser()` every flag of transformers'
+`examples/pytorch/language-modeling/run_clm_no_trainer.py`, with the same defaults, types and choices, so an upstream
+command line runs unchanged. The groups both trainers add on top
 (`Adapter (LyCORIS)`, `Quantization`, `Memory`) are defined once here.
 
 `validate_text_to_image_args` and `validate_causal_lm_args` check values the way a user can act on: each error names
