@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--architecture",
         type=str,
         help="A real architecture with random weights, built from configs shipped in the package (no download): "
-        "sd15, sd21, sdxl, llama2-7b, llama3-8b, or tiny-sd / tiny-llama. See `python -m diffusers_lowmem.architectures`.",
+        "sd15, sd21, sdxl, llama2-7b, llama3-8b, or tiny-sd / tiny-sdxl / tiny-llama. See `python -m diffusers_lowmem.architectures`.",
     )
     parser.add_argument("--adapters", type=str, default="lora,loha,lokr,locon", help="Comma-separated adapters.")
     parser.add_argument("--quant", type=str, default="none,8bit,nf4", help="Comma-separated: none, 8bit, nf4.")
@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Frozen weight dtype.")
     parser.add_argument("--train_text_encoder", action="store_true", help="Adapters on the text encoder(s) too.")
     parser.add_argument("--cache_latents", action="store_true", help="Encode latents once and free the VAE (t2i).")
+    parser.add_argument(
+        "--cache_text_encoder_outputs",
+        action="store_true",
+        help="Encode captions once and move the frozen text encoder(s) off the device (t2i).",
+    )
     parser.add_argument(
         "--no_quant_only_row", action="store_true", help="Skip the no-adapter 'quantization only' row of the study."
     )
@@ -193,6 +198,8 @@ def trainer_argv(args, adapter: str, quant: str, data_dir: Path, cell_dir: Path)
             argv.append("--train_text_encoder")
         if args.cache_latents:
             argv.append("--cache_latents")
+        if args.cache_text_encoder_outputs:
+            argv.append("--cache_text_encoder_outputs")
     else:
         argv = [
             "--model_name_or_path", model,
@@ -449,7 +456,8 @@ def _reproduce_argv(args) -> list[str]:
     if args.seq_len:
         argv += ["--seq_len", str(args.seq_len)]
     argv += ["--batch_size", str(args.batch_size), "--mixed_precision", args.mixed_precision]
-    for flag in ("gradient_checkpointing", "train_text_encoder", "cache_latents", "no_quant_only_row"):
+    flags = ("gradient_checkpointing", "train_text_encoder", "cache_latents", "cache_text_encoder_outputs")
+    for flag in (*flags, "no_quant_only_row"):
         if getattr(args, flag):
             argv.append(f"--{flag}")
     if args.max_memory:

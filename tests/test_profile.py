@@ -104,3 +104,19 @@ def test_bad_arguments_fail_before_any_cell_runs(tmp_path, capsys, argv, message
     assert error.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_options_reach_the_trainer_and_the_reproduce_command(tmp_path):
+    from diffusers_lowmem import train_text_to_image
+
+    argv = ["--task", "text-to-image", "--architecture", "tiny-sdxl", "--resolution", "64", "--output_dir", "out"]
+    argv += ["--cache_latents", "--cache_text_encoder_outputs", "--gradient_checkpointing"]
+    args = profile.parse_args(argv)
+    (tmp_path / "metadata.jsonl").write_text("")  # the data folder only has to exist and hold files here
+    cell_argv = profile.trainer_argv(args, "lokr", "nf4", tmp_path, tmp_path / "cell")
+    trainer_args = train_text_to_image.parse_args(cell_argv)
+    assert (
+        trainer_args.cache_latents and trainer_args.cache_text_encoder_outputs and trainer_args.gradient_checkpointing
+    )
+    assert (trainer_args.adapter, trainer_args.quant, trainer_args.resolution) == ("lokr", "nf4", 64)
+    assert profile.parse_args(profile._reproduce_argv(args)) == args
