@@ -26,7 +26,7 @@ import torch
 
 from diffusers_lowmem.adapters import ADAPTER_ALGOS, CONV_ALGOS, AdapterConfig
 from diffusers_lowmem.architectures import ARCHITECTURES, TASK_CAUSAL_LM, TASK_TEXT_TO_IMAGE
-from diffusers_lowmem.quantization import DEFAULT_SKIP_CAUSAL_LM, QUANT_MODES
+from diffusers_lowmem.quantization import DEFAULT_SKIP_CAUSAL_LM, DEFAULT_SKIP_UNET, QUANT_MODES
 
 # `--pretrained_model_name_or_path architecture:NAME` builds a real architecture with random weights (no download).
 ARCHITECTURE_PREFIX = "architecture:"
@@ -736,7 +736,8 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=list(QUANT_MODES),
         help="Store the frozen base's linear layers quantized: 8bit (bitsandbytes Linear8bitLt, LLM.int8) or nf4"
-        " (Linear4bit NF4 with double quantization); None keeps the base in the training dtype.",
+        " (Linear4bit NF4 with double quantization); for text-to-image also the UNet's convolutions, in the same"
+        " format (bitsandbytes' blockwise functional API). None keeps the base in the training dtype.",
     )
     group.add_argument(
         "--quant_skip",
@@ -744,7 +745,8 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help="Module-name patterns (full name, dotted suffix or fnmatch glob) kept in full precision under --quant"
-        f"; None keeps nothing out for the UNet and text encoder, {', '.join(DEFAULT_SKIP_CAUSAL_LM)} for a causal LM.",
+        f"; None keeps {', '.join(DEFAULT_SKIP_UNET)} out for the UNet, nothing for the text encoders and"
+        f" {', '.join(DEFAULT_SKIP_CAUSAL_LM)} for a causal LM.",
     )
 
 

@@ -204,8 +204,11 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
 
 
 def _logical_numel(parameter: torch.Tensor) -> int:
-    # A packed 4-bit weight stores two values a byte: its quant_state keeps the shape of the original matrix.
-    shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+    # A packed 4-bit weight stores two values a byte: its quant_state (bitsandbytes' layers) or its logical_shape
+    # (quantized convolutions) keeps the shape of the original weight.
+    shape = getattr(parameter, "logical_shape", None) or getattr(
+        getattr(parameter, "quant_state", None), "shape", None
+    )
     return math.prod(shape) if shape is not None else parameter.numel()
 
 

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 QUANT_MODES = ("8bit", "nf4")
 # Causal LMs often tie `lm_head` to the input embedding, and it is the layer most sensitive to quantization.
 DEFAULT_SKIP_CAUSAL_LM = ("lm_head",)
+# The UNet's first and last convolutions: full precision costs 0.1 MiB in SD 1.5 and removes a sixth of the output
+# error of quantizing every convolution (benchmarks/results/quantized-conv-fidelity-cpu.md).
+DEFAULT_SKIP_UNET = ("conv_in", "conv_out")
 
 # LLM.int8() outlier threshold: input columns with a value above it are multiplied in fp16 (the bitsandbytes and
 # transformers default for training).

@@ -89,6 +89,7 @@ class _QuantizedConvMixin:
             self.blocksize, self.nested_blocksize = state.blocksize, None
             buffers = {"absmax": state.absmax, "quant_map": state.code}
         self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight.logical_shape = torch.Size(self.weight_shape)  # parameter counts count weights, not bytes
         for name, tensor in buffers.items():
             self.register_buffer(name, tensor)
 

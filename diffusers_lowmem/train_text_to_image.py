@@ -161,18 +161,22 @@ def vae_dtype(args, weight_dtype: torch.dtype, sdxl: bool) -> torch.dtype:
     return torch.float32 if sdxl and args.pretrained_vae_model_name_or_path is None else weight_dtype
 
 
-def place_frozen_model(model, args, weight_dtype, device, skip=(), quant_storage=torch.uint8):
-    """Freezes `model` and moves it to `device`: quantized layer by layer with `--quant`, else cast as a whole."""
+def place_frozen_model(model, args, weight_dtype, device, role: str, quant_storage=torch.uint8):
+    """Freezes `model` and moves it to `device`: with `--quant`, its linear layers and convolutions quantized layer
+    by layer (the UNet's `conv_in` and `conv_out` stay in full precision unless `--quant_skip` says otherwise), else
+    cast as a whole."""
     model.requires_grad_(False)
     if args.quant:
+        default_skip = quantization.DEFAULT_SKIP_UNET if role == "unet" else ()
         return quantization.quantize_model(
             model,
             args.quant,
             compute_dtype=weight_dtype,
-            skip=skip,
+            skip=args.quant_skip or default_skip,
             device=device,
             compute_errors=False,
             quant_storage=quant_storage,
+            convolutions=True,
         )
     quantization.materialize_meta_(model, device, weight_dtype)
     model.to(device, dtype=weight_dtype)
@@ -475,9 +479,9 @@ def main(args: argparse.Namespace) -> dict:
 
     # Load the frozen base: quantized layer by layer on the way to the device with --quant.
     text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype, sdxl)
-    frozen = {"skip": args.quant_skip or (), "quant_storage": training.quant_storage_dtype(accelerator, weight_dtype)}
+    quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
     quant_reports = {
-        role: place_frozen_model(model, args, weight_dtype, accelerator.device, **frozen)
+        role: place_frozen_model(model, args, weight_dtype, accelerator.device, role, quant_storage)
         for role, model in {"unet": unet, **text_encoders}.items()
     }
     place_vae(vae, args, weight_dtype, accelerator.device, sdxl)
@@ -702,8 +706,8 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
     sdxl = is_sdxl(args)
     tokenizers = load_tokenizers(args, sdxl)
     text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype, sdxl)
-    for model in (unet, *text_encoders.values()):
-        place_frozen_model(model, args, weight_dtype, accelerator.device, skip=args.quant_skip or ())
+    for role, model in {"unet": unet, **text_encoders}.items():
+        place_frozen_model(model, args, weight_dtype, accelerator.device, role)
     place_vae(vae, args, weight_dtype, accelerator.device, sdxl)
     tracker.watch(models=[unet, *text_encoders.values(), vae])
     tracker.milestone("after_model_load")

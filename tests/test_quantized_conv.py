@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from diffusers_lowmem import adapters
+from diffusers_lowmem import adapters, memory
 from diffusers_lowmem.memory import stored_bytes
 from diffusers_lowmem.quantization import is_quantized_module, quantize_model
 from diffusers_lowmem.quantized_conv import QuantizedConv1d, QuantizedConv2d, is_quantized_conv, quantize_conv
@@ -39,6 +39,7 @@ def test_quantized_conv_is_small_close_and_frozen(kind, mode):
     assert isinstance(quantized, QuantizedConv2d if conv.weight.dim() == 4 else QuantizedConv1d)
     assert is_quantized_module(quantized) and is_quantized_conv(quantized) and not is_quantized_module(conv)
     assert stored_bytes(quantized) <= MAX_BYTES_RATIO[mode] * stored_bytes(conv)
+    assert memory._logical_numel(quantized.weight) == conv.weight.numel()  # counted as weights, not bytes
 
     spatial = (16,) * (conv.weight.dim() - 2)
     inputs = torch.randn(2, conv.in_channels, *spatial, requires_grad=True)
@@ -145,3 +146,20 @@ def test_adapters_train_save_and_load_on_quantized_convolutions(algo, tiny_unet,
         adapters.load_adapter(fresh, tmp_path)
         torch.testing.assert_close(fresh(*unet_inputs(fresh)).sample, trained_output, rtol=0, atol=1e-6)
     assert relative_error(trained_output, untrained_output) > 1e-4
+
+
+@pytest.mark.parametrize("quant_skip", [None, ["*resnets*"]])
+def test_the_trainer_quantizes_unet_convolutions_but_conv_in_and_conv_out(tiny_unet, quant_skip):
+    import argparse
+
+    from diffusers_lowmem.train_text_to_image import place_frozen_model
+
+    unet = copy.deepcopy(tiny_unet)
+    args = argparse.Namespace(quant="nf4", quant_skip=quant_skip)
+    place_frozen_model(unet, args, torch.float32, torch.device("cpu"), role="unet")
+    convolutions = {name: module for name, module in unet.named_modules() if isinstance(module, nn.Conv2d)}
+    quantized = {name for name, module in convolutions.items() if is_quantized_conv(module)}
+    if quant_skip is None:
+        assert quantized == set(convolutions) - {"conv_in", "conv_out"}
+    else:
+        assert quantized == {name for name in convolutions if "resnets" not in name}
