@@ -827,6 +827,7 @@ def validate_text_to_image_args(args: argparse.Namespace, parser: argparse.Argum
         )
     _check_at_least(parser, "--train_batch_size", args.train_batch_size, 1)
     _check_at_least(parser, "--checkpointing_steps", args.checkpointing_steps, 1)
+    _check_text_to_image_choices(parser, args)
     if args.text_encoder_lr is not None:
         _check_positive(parser, "--text_encoder_lr", args.text_encoder_lr)
         if not args.train_text_encoder:
@@ -904,6 +905,26 @@ def _validate_shared_args(args: argparse.Namespace, parser: argparse.ArgumentPar
     _check_resume_from_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
     _check_output_dir(parser, args.output_dir)
     _check_mixed_precision(parser, args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _check_text_to_image_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Upstream takes `--lr_scheduler` and `--prediction_type` as free strings and fails on a typo only once the
+    models are loaded; here the typo is caught first, with the same accepted values."""
+    from diffusers.optimization import SchedulerType
+
+    schedulers = [scheduler.value for scheduler in SchedulerType]
+    if args.lr_scheduler not in schedulers:
+        parser.error(
+            f"--lr_scheduler {args.lr_scheduler!r} is not a scheduler: choose one of {', '.join(schedulers)}."
+        )
+    if args.prediction_type is not None and args.prediction_type not in PREDICTION_TYPES:
+        parser.error(
+            f"--prediction_type {args.prediction_type!r} must be one of {', '.join(PREDICTION_TYPES)}, or left out"
+            " for the scheduler's own."
+        )
 
 
 def _check_at_least(parser: argparse.ArgumentParser, flag: str, value: int, minimum: int) -> None:

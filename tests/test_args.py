@@ -284,6 +284,8 @@ def _t2i(image_dir, *extra):
         (["--adapter", "dora"], ["--adapter", "invalid choice"]),
         (["--quant", "4bit"], ["--quant", "invalid choice"]),
         (["--image_interpolation_mode", "cubic"], ["--image_interpolation_mode"]),
+        (["--lr_scheduler", "cosin"], ["--lr_scheduler 'cosin'", "cosine_with_restarts"]),
+        (["--prediction_type", "v-prediction"], ["--prediction_type 'v-prediction'", "v_prediction"]),
     ],
 )
 def test_text_to_image_rejects_bad_value(extra, expected, image_dir, capsys):
