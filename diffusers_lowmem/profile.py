@@ -40,6 +40,9 @@ OOM_MARKERS = (
     "std::bad_alloc",
     "failed to map segment",
 )
+# Under the CPU cap (RLIMIT_AS) every new thread's stack is address space too, so a thread that cannot start is
+# the cap being hit (the datasets library, for one, reads image folders with a thread pool).
+CPU_CAP_OOM_MARKERS = ("can't start new thread",)
 GIB = 1024**3
 MIB = 1024**2
 
@@ -279,7 +282,8 @@ def run_cell(args, adapter: str, quant: str, data_dir: Path, output_dir: Path) -
     report_path = cell_dir / "memory_report.json"
     if returncode == 0 and report_path.is_file():
         return _result_from_report(adapter, quant, report_path, cell_dir)
-    status = "oom" if any(marker in log_text for marker in OOM_MARKERS) else "error"
+    oom_markers = OOM_MARKERS + (CPU_CAP_OOM_MARKERS if args.max_memory else ())
+    status = "oom" if any(marker in log_text for marker in oom_markers) else "error"
     last_lines = " | ".join(line for line in log_text.strip().splitlines()[-3:])
     result = CellResult(adapter, quant, status, error=last_lines[-500:])
     if report_path.is_file():  # an OOM in training still leaves the report written up to that point
