@@ -27,6 +27,7 @@ import torch
 from diffusers_lowmem.adapters import ADAPTER_ALGOS, CONV_ALGOS, AdapterConfig
 from diffusers_lowmem.architectures import ARCHITECTURES, TASK_CAUSAL_LM, TASK_TEXT_TO_IMAGE
 from diffusers_lowmem.quantization import DEFAULT_SKIP_CAUSAL_LM, DEFAULT_SKIP_UNET, QUANT_MODES
+from diffusers_lowmem.training import OPTIMIZERS
 
 # `--pretrained_model_name_or_path architecture:NAME` builds a real architecture with random weights (no download).
 ARCHITECTURE_PREFIX = "architecture:"
@@ -98,6 +99,7 @@ def text_to_image_parser(sdxl: bool = False) -> argparse.ArgumentParser:
         parser.set_defaults(resolution=SDXL_RESOLUTION)
     add_adapter_args(parser)
     add_quantization_args(parser)
+    add_optimizer_args(parser)
     add_memory_args(parser, text_to_image=True)
     add_reliability_args(parser, text_to_image=True)
     return parser
@@ -116,6 +118,7 @@ def causal_lm_parser() -> argparse.ArgumentParser:
     add_causal_lm_args(parser)
     add_adapter_args(parser)
     add_quantization_args(parser)
+    add_optimizer_args(parser)
     add_memory_args(parser)
     add_reliability_args(parser)
     return parser
@@ -750,6 +753,27 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the `Optimizer` group: which optimizer updates the adapters (upstream's `--use_8bit_adam` stays).
+
+    Args:
+        parser: The parser to extend.
+    """
+    group = parser.add_argument_group("Optimizer")
+    group.add_argument(
+        "--optimizer",
+        type=str,
+        default=None,
+        choices=list(OPTIMIZERS),
+        help="adamw (torch), or a bitsandbytes optimizer: adamw8bit (blockwise 8-bit moments, about a quarter of"
+        " fp32's state; what --use_8bit_adam selects), paged_adamw8bit / paged_adamw32bit (state in CUDA unified"
+        " memory that is paged to host RAM under pressure; unpaged, with a warning, off CUDA) or lion8bit (one 8-bit"
+        " momentum; usually wants a 3-10x smaller learning rate). Text-to-image passes --adam_beta1/2 to each. Tensors under 4096"
+        " elements keep 32-bit state in every bitsandbytes optimizer. None: adamw, or adamw8bit with"
+        " --use_8bit_adam.",
+    )
+
+
 def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False) -> None:
     """Adds the `Memory` group: how often memory is logged and, for text-to-image, latent caching.
 
@@ -902,9 +926,21 @@ def _validate_shared_args(args: argparse.Namespace, parser: argparse.ArgumentPar
     if args.checkpoints_total_limit is not None:
         _check_at_least(parser, "--checkpoints_total_limit", args.checkpoints_total_limit, 1)
     _check_positive(parser, "--learning_rate", args.learning_rate)
+    args.optimizer = _resolve_optimizer(parser, args.optimizer, args.use_8bit_adam)
     _check_resume_from_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
     _check_output_dir(parser, args.output_dir)
     _check_mixed_precision(parser, args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
+
+
+def _resolve_optimizer(parser: argparse.ArgumentParser, optimizer: str | None, use_8bit_adam: bool) -> str:
+    """`--optimizer`, with upstream's `--use_8bit_adam` as the alias of `--optimizer adamw8bit` it is."""
+    if not use_8bit_adam:
+        return optimizer or "adamw"
+    if optimizer not in (None, "adamw8bit"):
+        parser.error(
+            f"--use_8bit_adam selects --optimizer adamw8bit, which contradicts --optimizer {optimizer}: give one."
+        )
+    return "adamw8bit"
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")

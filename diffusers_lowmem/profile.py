@@ -104,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=4, help="Adapter rank.")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Frozen weight dtype.")
+    parser.add_argument(
+        "--optimizer",
+        default="adamw",
+        help="The trainers' --optimizer in every cell: adamw, adamw8bit, paged_adamw8bit, paged_adamw32bit, lion8bit.",
+    )
     parser.add_argument("--train_text_encoder", action="store_true", help="Adapters on the text encoder(s) too.")
     parser.add_argument("--cache_latents", action="store_true", help="Encode latents once and free the VAE (t2i).")
     parser.add_argument(
@@ -133,7 +138,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _validate(args, parser) -> None:
     from diffusers_lowmem.adapters import ADAPTER_ALGOS
+    from diffusers_lowmem.training import OPTIMIZERS
 
+    if args.optimizer not in OPTIMIZERS:
+        parser.error(f"--optimizer: unknown {args.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     unknown = [a for a in args.adapter_list if a not in ADAPTER_ALGOS]
     if unknown:
         parser.error(f"--adapters: unknown {unknown}; choose from {', '.join(ADAPTER_ALGOS)}")
@@ -183,7 +191,7 @@ def trainer_argv(args, adapter: str, quant: str, data_dir: Path, cell_dir: Path)
         "--checkpointing_steps", str(10**9),
     ]  # fmt: skip
     if adapter != QUANT_ONLY:
-        common += ["--adapter", adapter]
+        common += ["--adapter", adapter, "--optimizer", args.optimizer]
     if quant != "none":
         common += ["--quant", quant]
     if args.gradient_checkpointing:

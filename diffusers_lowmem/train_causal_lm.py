@@ -2,7 +2,7 @@
 
 A drop-in replacement for transformers' `examples/pytorch/language-modeling/run_clm_no_trainer.py`: every upstream
 flag works the same, plus `--adapter {lora,loha,lokr,locon}`, `--quant {8bit,nf4}`, `--gradient_checkpointing`,
-`--use_8bit_adam` and memory options. Run it as
+`--optimizer` (8-bit, paged and Lion optimizers; `--use_8bit_adam`) and memory options. Run it as
 
     accelerate launch -m diffusers_lowmem.train_causal_lm --model_name_or_path PATH \\
         --train_file train.txt --validation_file validation.txt --adapter lora --quant nf4 --output_dir OUT
@@ -344,11 +344,10 @@ def main(args: argparse.Namespace) -> dict:
     trainable = training.trainable_parameters(network)
     optimizer = training.create_optimizer(
         [{"params": trainable, "weight_decay": args.weight_decay}],
+        args.optimizer,
         args.learning_rate,
-        betas=(0.9, 0.999),
-        weight_decay=args.weight_decay,
-        eps=1e-8,
-        use_8bit_adam=args.use_8bit_adam,
+        args.weight_decay,
+        device=accelerator.device,  # betas and eps: the optimizer's defaults, as upstream's AdamW
     )
     updates_per_epoch = training.num_update_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps

@@ -516,11 +516,12 @@ def main(args: argparse.Namespace) -> dict:
         )
     optimizer = training.create_optimizer(
         param_groups,
+        args.optimizer,
         args.learning_rate,
-        (args.adam_beta1, args.adam_beta2),
         args.adam_weight_decay,
-        args.adam_epsilon,
-        use_8bit_adam=args.use_8bit_adam,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        device=accelerator.device,
     )
     num_batches = len(train_dataloader)
     updates_per_epoch = training.num_update_steps_per_epoch(num_batches, args.gradient_accumulation_steps)

@@ -274,15 +274,65 @@ def log_run_summary(logger, num_examples, num_epochs, batch_size, total_batch_si
         logger.info(f"  {key} = {value}")
 
 
-def create_optimizer(param_groups, learning_rate, betas, weight_decay, eps, use_8bit_adam=False):
-    """AdamW, or bitsandbytes' `AdamW8bit` with `use_8bit_adam` (as upstream's `--use_8bit_adam`)."""
-    if use_8bit_adam:
-        import bitsandbytes as bnb
+# `--optimizer` names -> bitsandbytes optimizer classes (None: torch's AdamW). Paged optimizers keep their state in
+# CUDA unified memory, which the driver pages to host RAM under pressure; they need a CUDA device.
+OPTIMIZERS = {
+    "adamw": None,
+    "adamw8bit": "AdamW8bit",
+    "paged_adamw8bit": "PagedAdamW8bit",
+    "paged_adamw32bit": "PagedAdamW32bit",
+    "lion8bit": "Lion8bit",
+}
+# What a paged optimizer becomes where nothing can be paged: the same update with its state in ordinary memory.
+UNPAGED_OPTIMIZERS = {"PagedAdamW8bit": "AdamW8bit", "PagedAdamW32bit": "AdamW32bit"}
 
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(param_groups, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
+
+def optimizer_class_name(name: str, device: torch.device | str) -> str | None:
+    """The bitsandbytes optimizer class that runs `--optimizer name` on `device` (None: torch's AdamW).
+
+    A paged optimizer falls back, with one warning, to its unpaged twin off CUDA.
+
+    Args:
+        name: A key of `OPTIMIZERS`.
+        device: Where the trained parameters live.
+    """
+    class_name = OPTIMIZERS[name]
+    if class_name in UNPAGED_OPTIMIZERS and torch.device(device).type != "cuda":
+        fallback = UNPAGED_OPTIMIZERS[class_name]
+        logger.warning(
+            f"--optimizer {name}: paging optimizer state needs CUDA unified memory, which {torch.device(device)} "
+            f"does not have; using bitsandbytes' unpaged {fallback} (the same update and the same state bytes)."
+        )
+        return fallback
+    return class_name
+
+
+def create_optimizer(param_groups, name: str, learning_rate, weight_decay, betas=None, eps=None, device="cpu"):
+    """The optimizer that `--optimizer name` asks for, over `param_groups`.
+
+    Args:
+        param_groups: Parameters or parameter groups, as torch optimizers take them.
+        name: A key of `OPTIMIZERS` (`adamw8bit` is upstream's `--use_8bit_adam`).
+        learning_rate: The default learning rate of the groups.
+        weight_decay: Decoupled weight decay.
+        betas: `(beta1, beta2)`, for Lion its interpolation and momentum; None keeps the optimizer's default.
+        eps: Adam's epsilon (Lion has none); None keeps the optimizer's default.
+        device: Where the parameters live; paged optimizers fall back to unpaged ones off CUDA.
+
+    Returns:
+        A torch or bitsandbytes optimizer.
+    """
+    options = {"lr": learning_rate, "weight_decay": weight_decay}
+    if betas is not None:
+        options["betas"] = tuple(betas)
+    class_name = optimizer_class_name(name, device)
+    if eps is not None and not (class_name or "").startswith("Lion"):
+        options["eps"] = eps
+    if class_name is None:
+        return torch.optim.AdamW(param_groups, **options)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, class_name)(param_groups, **options)
 
 
 def trainable_parameters(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
