@@ -100,6 +100,7 @@ def text_to_image_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     add_adapter_args(parser)
     add_quantization_args(parser)
     add_optimizer_args(parser)
+    add_evaluation_args(parser, text_to_image=True)
     add_memory_args(parser, text_to_image=True)
     add_reliability_args(parser, text_to_image=True)
     return parser
@@ -119,6 +120,7 @@ def causal_lm_parser() -> argparse.ArgumentParser:
     add_adapter_args(parser)
     add_quantization_args(parser)
     add_optimizer_args(parser)
+    add_evaluation_args(parser)
     add_memory_args(parser)
     add_reliability_args(parser)
     return parser
@@ -774,6 +776,44 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_evaluation_args(parser: argparse.ArgumentParser, text_to_image: bool = False) -> None:
+    """Adds the `Evaluation` group: a held-out loss that compares runs (text-to-image), evaluation by steps (causal LM).
+
+    Args:
+        parser: The parser to extend.
+        text_to_image: Add the deterministic held-out diffusion loss; otherwise `--eval_steps` of the causal LM.
+    """
+    group = parser.add_argument_group("Evaluation")
+    if not text_to_image:
+        group.add_argument(
+            "--eval_steps",
+            type=int,
+            default=None,
+            help="Also evaluate (eval loss and perplexity, logged as eval/loss and eval/perplexity with"
+            " --with_tracking) every N optimizer steps, before training and at its end, besides upstream's"
+            " evaluation after each epoch.",
+        )
+        return
+    group.add_argument(
+        "--validation_loss_steps",
+        type=int,
+        default=None,
+        help="Compute a deterministic held-out loss before training, every N optimizer steps and at the end, logged"
+        " as eval/loss: a fixed split of the data (--validation_split), each image noised with fixed noise at 8"
+        " fixed timesteps, plain MSE (no SNR weighting or noise offset). The same in every run whatever --seed, so"
+        " runs that differ only in adapter, quantization or optimizer compare directly. With --quant it also logs"
+        " eval/quantization_loss_delta: the loss of the quantized base minus the unquantized one (which visits the"
+        " device once, before training; skipped with a warning if it does not fit).",
+    )
+    group.add_argument(
+        "--validation_split",
+        type=float,
+        default=None,
+        help="Share of the dataset held out of training for --validation_loss_steps, in (0, 1), chosen by a fixed"
+        " permutation (not --seed); None: 0.1. Held-out images are center-cropped and never flipped.",
+    )
+
+
 def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False) -> None:
     """Adds the `Memory` group: how often memory is logged and, for text-to-image, latent caching.
 
@@ -864,6 +904,7 @@ def validate_text_to_image_args(args: argparse.Namespace, parser: argparse.Argum
             "--cache_text_encoder_outputs needs frozen text encoders, but --train_text_encoder trains them: drop one"
             " of the two."
         )
+    _check_validation_loss_args(parser, args)
     if args.enable_npu_flash_attention and importlib.util.find_spec("torch_npu") is None:
         parser.error(
             "--enable_npu_flash_attention needs torch_npu extensions and is supported only on npu devices: drop it."
@@ -898,6 +939,8 @@ def validate_causal_lm_args(args: argparse.Namespace, parser: argparse.ArgumentP
     if args.block_size is not None:
         _check_at_least(parser, "--block_size", args.block_size, 1)
     _check_causal_lm_checkpointing_steps(parser, args.checkpointing_steps)
+    if args.eval_steps is not None:
+        _check_at_least(parser, "--eval_steps", args.eval_steps, 1)
     if not 0 <= args.validation_split_percentage < 100:
         parser.error(
             f"--validation_split_percentage {args.validation_split_percentage} must be in [0, 100): the share of"
@@ -930,6 +973,25 @@ def _validate_shared_args(args: argparse.Namespace, parser: argparse.ArgumentPar
     _check_resume_from_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
     _check_output_dir(parser, args.output_dir)
     _check_mixed_precision(parser, args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
+
+
+DEFAULT_VALIDATION_SPLIT = 0.1
+
+
+def _check_validation_loss_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--validation_loss_steps` at least 1; `--validation_split` in (0, 1), only with it (default 0.1)."""
+    if args.validation_loss_steps is None:
+        if args.validation_split is not None:
+            parser.error(
+                f"--validation_split {args.validation_split} holds data out for the held-out loss, which"
+                " --validation_loss_steps switches on: add --validation_loss_steps N or drop --validation_split."
+            )
+        return
+    _check_at_least(parser, "--validation_loss_steps", args.validation_loss_steps, 1)
+    if args.validation_split is None:
+        args.validation_split = DEFAULT_VALIDATION_SPLIT
+    if not 0.0 < args.validation_split < 1.0:
+        parser.error(f"--validation_split {args.validation_split} must be in (0, 1): the share of images held out.")
 
 
 def _resolve_optimizer(parser: argparse.ArgumentParser, optimizer: str | None, use_8bit_adam: bool) -> str:

@@ -138,6 +138,12 @@ class QuantizationReport:
         """Number of converted layers."""
         return len(self.layers)
 
+    @property
+    def mean_relative_error(self) -> float | None:
+        """Mean relative weight error over the layers where it was computed; None where none was."""
+        errors = [layer.relative_error for layer in self.layers if layer.relative_error is not None]
+        return sum(errors) / len(errors) if errors else None
+
     def worst_layers(self, count: int = _WORST_LAYERS_SHOWN) -> list[LayerQuantization]:
         """The `count` layers with the largest relative error (layers without one are left out)."""
         measured = [layer for layer in self.layers if layer.relative_error is not None]

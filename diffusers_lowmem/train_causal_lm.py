@@ -245,6 +245,14 @@ def evaluate(model, eval_dataloader, accelerator, per_device_eval_batch_size: in
     return eval_loss, perplexity_of(eval_loss)
 
 
+def record_evaluation(history: list, model, eval_dataloader, accelerator, args, step: int) -> None:
+    """`--eval_steps`: evaluates, logs `eval/loss` and `eval/perplexity` at `step` and keeps them for the summary."""
+    eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
+    history.append([step, eval_loss, perplexity])
+    accelerator.log({"eval/loss": eval_loss, "eval/perplexity": perplexity}, step=step)
+    logger.info(f"step {step}: perplexity: {perplexity} eval_loss: {eval_loss}")
+
+
 def checkpoint_every(args) -> int | str | None:
     """`--checkpointing_steps` as upstream reads it: an int of steps, `"epoch"`, or None."""
     value = args.checkpointing_steps
@@ -408,6 +416,9 @@ def main(args: argparse.Namespace) -> dict:
     first_step_of_run = global_step + 1
     loss = torch.tensor(float("nan"))
     eval_loss, perplexity = float("nan"), float("nan")
+    eval_history = []  # [step, eval loss, perplexity] of --eval_steps
+    if args.eval_steps:
+        record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step)
     step_seconds, step_started = [], time.perf_counter()
     stopped_by = None
     with training.StopSignals() as stop_signals, training.out_of_memory_guard(tracker, args.output_dir, False):
@@ -450,6 +461,9 @@ def main(args: argparse.Namespace) -> dict:
                 step_loss, learning_rate = loss.detach().item(), lr_scheduler.get_last_lr()[0]
                 accelerator.log({"step_loss": step_loss, "lr": learning_rate}, step=global_step)
                 progress_bar.set_postfix(loss=step_loss, lr=learning_rate)
+                if args.eval_steps and global_step % args.eval_steps == 0:
+                    record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step)
+                    model.train()
                 if isinstance(checkpointing, int) and global_step % checkpointing == 0:
                     training.save_checkpoint(
                         accelerator,
@@ -496,6 +510,8 @@ def main(args: argparse.Namespace) -> dict:
         )
         return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
+    if args.eval_steps and eval_history[-1][0] != global_step:
+        record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step)
     if math.isnan(eval_loss):
         # No epoch ran (`--max_train_steps 0`, or resumed at the end): the results still give the model's perplexity.
         eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
@@ -523,6 +539,7 @@ def main(args: argparse.Namespace) -> dict:
                 "final_loss": summary["loss"],
                 "step_seconds": step_seconds,
                 **results,
+                "eval_history": eval_history,
                 "quantization": quant_summary,
             },
         )

@@ -14,6 +14,7 @@ The recipe reads top to bottom like the upstream script; each step is a call int
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -28,10 +29,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from diffusers_lowmem import adapters, data, memory, quantization, training
+from diffusers_lowmem import adapters, data, evaluation, memory, quantization, training
 from diffusers_lowmem import args as arg_groups
 
 logger = get_logger(__name__, log_level="INFO")
+
+FINAL_IMAGES_NAME = "final_images.png"  # the test images of --validation_prompt from the saved adapter, side by side
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -174,7 +177,7 @@ def place_frozen_model(model, args, weight_dtype, device, role: str, quant_stora
             compute_dtype=weight_dtype,
             skip=args.quant_skip or default_skip,
             device=device,
-            compute_errors=False,
+            compute_errors=bool(args.validation_loss_steps),  # the per-layer weight error, beside the held-out loss
             quant_storage=quant_storage,
             convolutions=True,
         )
@@ -230,8 +233,13 @@ def enable_attention_backend(args, unet) -> None:
     unet.enable_xformers_memory_efficient_attention()
 
 
-def build_dataset(args, tokenizers: list, seed: int) -> training.PerSampleSeedDataset:
-    """The image-caption dataset with upstream preprocessing; augmentations depend on (seed, epoch, index) only."""
+def build_datasets(args, tokenizers: list, seed: int):
+    """The training dataset with upstream preprocessing, and the held-out one of `--validation_loss_steps` (or None).
+
+    Augmentations of the training set depend on (seed, epoch, index) only. The held-out images are split off by a
+    fixed permutation before `--max_train_samples` applies, center-cropped, never flipped, and their caption choice
+    is fixed: the same held-out problem in every run.
+    """
     raw_dataset = data.load_image_caption_dataset(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
@@ -240,20 +248,34 @@ def build_dataset(args, tokenizers: list, seed: int) -> training.PerSampleSeedDa
         image_column=args.image_column,
         caption_column=args.caption_column,
     )
+    held_out_dataset = None
+    if args.validation_loss_steps:
+        train_rows, held_out_rows = evaluation.held_out_split(len(raw_dataset), args.validation_split)
+        held_out_raw, raw_dataset = raw_dataset.select(held_out_rows), raw_dataset.select(train_rows)
+        fixed_preprocessor = data.ImagePreprocessor(
+            args.resolution, center_crop=True, random_flip=False, interpolation=args.image_interpolation_mode
+        )
+        held_out_dataset = training.PerSampleSeedDataset(
+            _text_to_image_dataset(args, held_out_raw, tokenizers, fixed_preprocessor), evaluation.EVAL_SEED
+        )
     preprocessor = data.ImagePreprocessor(
         args.resolution, args.center_crop, args.random_flip, interpolation=args.image_interpolation_mode
     )
-    train_dataset = data.make_text_to_image_dataset(
+    train_dataset = _text_to_image_dataset(args, raw_dataset, tokenizers, preprocessor, args.max_train_samples, seed)
+    return training.PerSampleSeedDataset(train_dataset, seed), held_out_dataset
+
+
+def _text_to_image_dataset(args, raw_dataset, tokenizers, preprocessor, max_train_samples=None, seed=None):
+    return data.make_text_to_image_dataset(
         raw_dataset,
         tokenizers,
         preprocessor,
         image_column=args.image_column,
         caption_column=args.caption_column,
-        max_train_samples=args.max_train_samples,
+        max_train_samples=max_train_samples,
         seed=seed,
         strict=args.strict_data,
     )
-    return training.PerSampleSeedDataset(train_dataset, seed)
 
 
 def build_dataloader(args, dataset, seed: int, collate_fn=data.collate_text_to_image):
@@ -268,8 +290,10 @@ def build_dataloader(args, dataset, seed: int, collate_fn=data.collate_text_to_i
 
 
 @torch.no_grad()
-def encode_latents(vae, pixel_values, weight_dtype):
-    latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample()
+def encode_latents(vae, pixel_values, weight_dtype, sample: bool = True):
+    """Scaled VAE latents: a draw from the posterior as upstream, or its mode (`sample=False`, deterministic)."""
+    latent_dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = latent_dist.sample() if sample else latent_dist.mode()
     return (latents * vae.config.scaling_factor).to(weight_dtype)
 
 
@@ -383,14 +407,7 @@ def compute_loss(args, batch, unet, text_encoders: dict, vae, noise_scheduler, w
         args, batch, text_encoders, sdxl, latents.device, weight_dtype
     )
 
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+    target = evaluation.diffusion_target(noise_scheduler, latents, noise, timesteps)
 
     model_pred = unet(
         noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
@@ -408,6 +425,113 @@ def compute_loss(args, batch, unet, text_encoders: dict, vae, noise_scheduler, w
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
     return loss.mean()
+
+
+def build_eval_set(args, held_out_dataset, vae, noise_scheduler, weight_dtype) -> evaluation.DiffusionEvalSet:
+    """The held-out examples of `--validation_loss_steps`: latents from the VAE posterior's mode, fixed noise."""
+
+    def encode(batch):
+        kept = {key: value for key, value in batch.items() if key != "pixel_values"}
+        return {"latents": encode_latents(vae, batch["pixel_values"], weight_dtype, sample=False), **kept}
+
+    items = _cache(held_out_dataset, args.train_batch_size, "Encoding held-out images", encode)
+    eval_set = evaluation.DiffusionEvalSet.build(
+        items, args.train_batch_size, noise_scheduler.config.num_train_timesteps, data.collate_text_to_image
+    )
+    logger.info(f"Held-out loss: {eval_set.num_examples} images x {len(eval_set.timesteps)} fixed timesteps.")
+    return eval_set
+
+
+@torch.no_grad()
+def cache_eval_text_encoder_outputs(eval_set, text_encoders: dict, sdxl: bool) -> None:
+    """Adds the frozen text encoders' outputs to the held-out batches before the encoders leave the device."""
+    for batch in eval_set.batches:
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(batch, text_encoders, sdxl)
+        batch["prompt_embeds"] = prompt_embeds.cpu()
+        if pooled_prompt_embeds is not None:
+            batch["pooled_prompt_embeds"] = pooled_prompt_embeds.cpu()
+
+
+def held_out_loss(args, eval_set, unet, text_encoders: dict, noise_scheduler, accelerator, weight_dtype, sdxl):
+    """The deterministic held-out loss of the models as they are now (adapters included), in eval mode."""
+    models = [unet, *text_encoders.values()]
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+
+    def predict(batch, noisy_latents, timesteps):
+        device = accelerator.device
+        encoder_hidden_states, added_cond_kwargs = unet_conditioning(
+            args, batch, text_encoders, sdxl, device, weight_dtype
+        )
+        return unet(
+            noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+        )[0]
+
+    try:
+        with accelerator.autocast():
+            return evaluation.diffusion_held_out_loss(
+                eval_set, predict, noise_scheduler, accelerator.device, weight_dtype
+            )
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+def unquantized_base_loss(args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl):
+    """The held-out loss of the base before quantization, for `eval/quantization_loss_delta`.
+
+    The unquantized UNet and text encoders visit the device once, before the memory tracking starts, and go back
+    to the CPU unchanged. Returns None, with a warning, when they do not fit, or for an `architecture:` model
+    (random weights, nothing to compare).
+    """
+    if _architecture_name(args) is not None:
+        logger.info("No quantization loss delta for an architecture with random weights.")
+        return None
+    models = [unet, *text_encoders.values()]
+    try:
+        for model in models:
+            model.to(accelerator.device)
+        return held_out_loss(args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl)
+    except torch.OutOfMemoryError:
+        logger.warning("The unquantized base does not fit on the device: no eval/quantization_loss_delta this run.")
+        return None
+    finally:
+        move_off_device(*models)
+
+
+def quantization_eval_scalars(base_losses: dict, quant_reports: dict) -> dict:
+    """What quantization alone cost: the held-out loss of the quantized and unquantized base, their difference
+    (`eval/quantization_loss_delta`), and each model's mean relative weight error."""
+    scalars = {"eval/quantized_base_loss": base_losses["quantized_base"]}
+    if base_losses.get("unquantized_base") is not None:
+        scalars["eval/unquantized_base_loss"] = base_losses["unquantized_base"]
+        scalars["eval/quantization_loss_delta"] = base_losses["quantized_base"] - base_losses["unquantized_base"]
+    for role, report in quant_reports.items():
+        if report is not None and report.mean_relative_error is not None:
+            scalars[f"eval/quantization_weight_error/{role}"] = report.mean_relative_error
+    return scalars
+
+
+def record_held_out_loss(history: list, loss: float, step: int, accelerator) -> None:
+    """Logs `eval/loss` at `step` and keeps `[step, loss]` for the training summary."""
+    history.append([step, loss])
+    accelerator.log({"eval/loss": loss}, step=step)
+    logger.info(f"Held-out loss at step {step}: {loss:.6f}")
+
+
+def held_out_summary(eval_set, history: list, quantization_scalars: dict) -> dict | None:
+    """The training summary's `held_out_loss`: the set, the loss before and after training, and its history."""
+    if eval_set is None:
+        return None
+    return {
+        "examples": eval_set.num_examples,
+        "timesteps": eval_set.timesteps.tolist(),
+        "before": history[0][1],
+        "after": history[-1][1],
+        "history": history,
+        **{key.removeprefix("eval/"): value for key, value in quantization_scalars.items()},
+    }
 
 
 def log_validation(pipeline, args, accelerator, epoch, phase="validation"):
@@ -465,28 +589,46 @@ def main(args: argparse.Namespace) -> dict:
     sdxl = is_sdxl(args)
     tokenizers = load_tokenizers(args, sdxl)
     try:
-        train_dataset = build_dataset(args, tokenizers, seed)
+        train_dataset, held_out_dataset = build_datasets(args, tokenizers, seed)
     except ValueError as error:
         raise SystemExit(f"Bad training data: {error}") from error
-    skipped_images = train_dataset.dataset.skipped_images
+    skipped_images = sum(d.dataset.skipped_images for d in (train_dataset, held_out_dataset) if d is not None)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     training.seed_step(seed, -2)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+
+    text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype, sdxl)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    place_vae(vae, args, weight_dtype, accelerator.device, sdxl)
+
+    # --validation_loss_steps: the held-out set, and the held-out loss the base gives up to quantization.
+    eval_set, base_losses, quantization_scalars = None, {}, {}
+    if held_out_dataset is not None:
+        eval_set = build_eval_set(args, held_out_dataset, vae, noise_scheduler, weight_dtype)
+        if args.quant:
+            base_losses["unquantized_base"] = unquantized_base_loss(
+                args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl
+            )
+    # From here on the tracker's peak covers the run (the unquantized base's visit above is not part of it).
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
 
-    # Load the frozen base: quantized layer by layer on the way to the device with --quant.
-    text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype, sdxl)
+    # Place the frozen base: quantized layer by layer on the way to the device with --quant.
     quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
     quant_reports = {
         role: place_frozen_model(model, args, weight_dtype, accelerator.device, role, quant_storage)
         for role, model in {"unet": unet, **text_encoders}.items()
     }
-    place_vae(vae, args, weight_dtype, accelerator.device, sdxl)
     tracker.watch(models=[unet, *text_encoders.values(), vae])
     tracker.milestone("after_model_load")
+    if eval_set is not None and args.quant:
+        base_losses["quantized_base"] = held_out_loss(
+            args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl
+        )
+        quantization_scalars = quantization_eval_scalars(base_losses, quant_reports)
 
     networks = attach_adapters(args, unet, text_encoders, sdxl)
     enable_gradient_checkpointing(args, unet, text_encoders)
@@ -500,6 +642,8 @@ def main(args: argparse.Namespace) -> dict:
         train_dataset = cache_latents(train_dataset, vae, weight_dtype, args.train_batch_size)
         cached_away.append(vae)
     if args.cache_text_encoder_outputs:
+        if eval_set is not None:
+            cache_eval_text_encoder_outputs(eval_set, text_encoders, sdxl)
         train_dataset = cache_text_encoder_outputs(train_dataset, text_encoders, sdxl, args.train_batch_size)
         cached_away.extend(text_encoders.values())
     move_off_device(*cached_away)
@@ -575,6 +719,15 @@ def main(args: argparse.Namespace) -> dict:
         trainable_parameters=f"{sum(p.numel() for group in param_groups for p in group['params']):,}",
     )
 
+    # The held-out loss before training (with --quant, next to what quantization alone cost).
+    evaluate_held_out, held_out_losses = None, []
+    if eval_set is not None:
+        evaluate_held_out = functools.partial(
+            held_out_loss, args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl
+        )
+        accelerator.log(quantization_scalars, step=global_step)
+        record_held_out_loss(held_out_losses, evaluate_held_out(), global_step, accelerator)
+
     progress_bar = tqdm(
         range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
@@ -630,6 +783,8 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.log({"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
                 train_loss = 0.0
+                if evaluate_held_out and global_step % args.validation_loss_steps == 0:
+                    record_held_out_loss(held_out_losses, evaluate_held_out(), global_step, accelerator)
                 if global_step % args.checkpointing_steps == 0:
                     training.save_checkpoint(
                         accelerator,
@@ -667,6 +822,9 @@ def main(args: argparse.Namespace) -> dict:
         )
         return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
+    if evaluate_held_out and held_out_losses[-1][0] != global_step:
+        record_held_out_loss(held_out_losses, evaluate_held_out(), global_step, accelerator)
+
     # Save: the adapter in kohya/LyCORIS format, and the memory report.
     accelerator.wait_for_everyone()
     training.verify_identical_across_processes(accelerator, params_to_clip)
@@ -683,6 +841,7 @@ def main(args: argparse.Namespace) -> dict:
                 "step_seconds": step_seconds,
                 "quantization": _quant_summary(quant_reports),
                 "skipped_images": skipped_images,
+                "held_out_loss": held_out_summary(eval_set, held_out_losses, quantization_scalars),
             },
         )
         if skipped_images:
@@ -770,7 +929,21 @@ def run_final_test(args, accelerator, weight_dtype, sdxl: bool = False) -> None:
         .to(accelerator.device)
     )
     adapters.load_adapter(pipeline, args.output_dir)
-    log_validation(pipeline, args, accelerator, epoch=args.num_train_epochs, phase="test")
+    images = log_validation(pipeline, args, accelerator, epoch=args.num_train_epochs, phase="test")
+    grid_path = save_image_grid(images, Path(args.output_dir) / FINAL_IMAGES_NAME)
+    logger.info(f"Saved the final images for {args.validation_prompt!r} to {grid_path}")
+
+
+def save_image_grid(images: list, path: Path) -> Path:
+    """Saves same-sized PIL images side by side in one PNG."""
+    from PIL import Image
+
+    width, height = images[0].size
+    grid = Image.new("RGB", (width * len(images), height))
+    for position, image in enumerate(images):
+        grid.paste(image.convert("RGB"), (position * width, 0))
+    grid.save(path)
+    return path
 
 
 def _load_vae_for_pipeline(args):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -266,6 +267,9 @@ def test_validation_and_final_test_images_go_to_tensorboard(tiny_sd_path, tiny_i
     assert {tag.split("/")[0] for tag in counts} == {"validation", "test"}
     assert sum(n for tag, n in counts.items() if tag.startswith("validation")) == 2
     assert sum(n for tag, n in counts.items() if tag.startswith("test")) == 1
+    # The test images are also saved side by side in the output dir.
+    with Image.open(tmp_path / train_text_to_image.FINAL_IMAGES_NAME) as grid:
+        assert grid.size == (2 * 32, 32) and grid.mode == "RGB"
 
 
 @pytest.mark.parametrize(
