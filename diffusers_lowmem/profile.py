@@ -70,6 +70,10 @@ class CellResult:
     trainable_params: int | None = None
     total_params: int | None = None
     median_step_seconds: float | None = None
+    quantized_conv_bytes: int | None = None  # the quantized convolutions as stored (text-to-image, --quant)
+    held_out_loss_before: float | None = None  # with --train_steps: the held-out loss before training ...
+    held_out_loss_after: float | None = None  # ... and after it (text-to-image: diffusion loss; causal LM: eval loss)
+    quantization_loss_delta: float | None = None  # held-out loss of the quantized base minus the unquantized one
     error: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -97,6 +101,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quant", type=str, default="none,8bit,nf4", help="Comma-separated: none, 8bit, nf4.")
     parser.add_argument(
         "--steps", type=int, default=5, help="Training steps per cell (the median step time skips the first)."
+    )
+    parser.add_argument(
+        "--train_steps",
+        type=int,
+        default=None,
+        help="Train every cell this many steps (instead of --steps) and add the held-out loss before and after to"
+        " the table: text-to-image's deterministic held-out diffusion loss (--validation_loss_steps), the causal"
+        " LM's eval loss (--eval_steps). Memory and quality side by side, and a memory-versus-loss scatter.",
+    )
+    parser.add_argument(
+        "--learning_rate", type=float, default=None, help="The trainers' --learning_rate; None keeps their default."
+    )
+    parser.add_argument(
+        "--validation_split",
+        type=float,
+        default=None,
+        help="Text-to-image with --train_steps: share of the images held out (the trainer's --validation_split).",
+    )
+    parser.add_argument(
+        "--num_images", type=int, default=4, help="Text-to-image: size of the generated image-caption data set."
     )
     parser.add_argument("--resolution", type=int, default=None, help="Image resolution (text-to-image).")
     parser.add_argument("--seq_len", type=int, default=None, help="Sequence length, i.e. --block_size (causal LM).")
@@ -145,6 +169,10 @@ def _validate(args, parser) -> None:
     unknown = [a for a in args.adapter_list if a not in ADAPTER_ALGOS]
     if unknown:
         parser.error(f"--adapters: unknown {unknown}; choose from {', '.join(ADAPTER_ALGOS)}")
+    if args.train_steps is not None and args.train_steps < 1:
+        parser.error(f"--train_steps {args.train_steps} must be at least 1.")
+    if args.validation_split is not None and not args.train_steps:
+        parser.error("--validation_split holds images out for the held-out loss of --train_steps: add --train_steps.")
     unknown = [q for q in args.quant_list if q not in ("none", "8bit", "nf4")]
     if unknown:
         parser.error(f"--quant: unknown {unknown}; choose from none, 8bit, nf4")
@@ -175,7 +203,8 @@ def ensure_data(args, output_dir: Path) -> Path:
     from diffusers_lowmem import tiny
 
     if args.task == "text-to-image":
-        return tiny.write_image_caption_folder(output_dir / "data" / "images", num_images=max(4, args.batch_size))
+        num_images = max(args.num_images, args.batch_size)
+        return tiny.write_image_caption_folder(output_dir / "data" / "images", num_images=num_images)
     return tiny.write_text_corpus(output_dir / "data" / "text")
 
 
@@ -184,7 +213,7 @@ def trainer_argv(args, adapter: str, quant: str, data_dir: Path, cell_dir: Path)
     model = args.pretrained or f"architecture:{args.architecture}"
     common = [
         "--output_dir", str(cell_dir),
-        "--max_train_steps", str(args.steps),
+        "--max_train_steps", str(args.train_steps or args.steps),
         "--seed", "0",
         "--mixed_precision", args.mixed_precision,
         "--memory_log_steps", "1",
@@ -192,6 +221,8 @@ def trainer_argv(args, adapter: str, quant: str, data_dir: Path, cell_dir: Path)
     ]  # fmt: skip
     if adapter != QUANT_ONLY:
         common += ["--adapter", adapter, "--optimizer", args.optimizer]
+    if args.learning_rate is not None:
+        common += ["--learning_rate", str(args.learning_rate)]
     if quant != "none":
         common += ["--quant", quant]
     if args.gradient_checkpointing:
@@ -211,6 +242,10 @@ def trainer_argv(args, adapter: str, quant: str, data_dir: Path, cell_dir: Path)
             argv.append("--cache_latents")
         if args.cache_text_encoder_outputs:
             argv.append("--cache_text_encoder_outputs")
+        if args.train_steps:  # evaluated before training and after the last step
+            argv += ["--validation_loss_steps", str(args.train_steps)]
+            if args.validation_split is not None:
+                argv += ["--validation_split", str(args.validation_split)]
     else:
         argv = [
             "--model_name_or_path", model,
@@ -224,6 +259,8 @@ def trainer_argv(args, adapter: str, quant: str, data_dir: Path, cell_dir: Path)
             "--report_to", "tensorboard",
             "--with_tracking",
         ]  # fmt: skip
+        if args.train_steps:
+            argv += ["--eval_steps", str(args.train_steps)]
     return argv + common
 
 
@@ -318,11 +355,11 @@ def _result_from_report(adapter: str, quant: str, report_path: Path, cell_dir: P
     def milestone(name, key):
         return milestones.get(name, {}).get(key)
 
-    step_times = report.get("step_seconds") or []
     summary_path = cell_dir / "training_summary.json"
-    if not step_times and summary_path.is_file():
-        step_times = json.loads(summary_path.read_text()).get("step_seconds", [])
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    step_times = report.get("step_seconds") or summary.get("step_seconds", [])
     timed = step_times[1:] if len(step_times) > 1 else step_times  # the first step pays for warm-up
+    quantization = report.get("quantization") or summary.get("quantization") or {}
     return CellResult(
         adapter=adapter,
         quant=quant,
@@ -343,8 +380,32 @@ def _result_from_report(adapter: str, quant: str, report_path: Path, cell_dir: P
         trainable_params=params.get("trainable"),
         total_params=params.get("total"),
         median_step_seconds=statistics.median(timed) if timed else None,
-        extra={"quantization": report.get("quantization")} if report.get("quantization") else {},
+        quantized_conv_bytes=quantized_conv_bytes(quantization),
+        **held_out_losses(summary),
+        extra={"quantization": quantization} if quantization else {},
     )
+
+
+def quantized_conv_bytes(quantization: dict) -> int | None:
+    """Stored bytes of the quantized convolutions (layers with a 3-d or 4-d weight) in the quantization reports."""
+    layers = [layer for report in quantization.values() for layer in report.get("layers", [])]
+    conv_layers = [layer for layer in layers if len(layer["shape"]) > 2]
+    return sum(layer["bytes_after"] for layer in conv_layers) if conv_layers else None
+
+
+def held_out_losses(summary: dict) -> dict:
+    """The held-out loss before and after training from a trainer's summary (`--train_steps` cells)."""
+    held_out = summary.get("held_out_loss")  # text-to-image
+    if held_out:
+        return {
+            "held_out_loss_before": held_out["before"],
+            "held_out_loss_after": held_out["after"],
+            "quantization_loss_delta": held_out.get("quantization_loss_delta"),
+        }
+    history = summary.get("eval_history")  # causal LM: [step, eval loss, perplexity]
+    if history:
+        return {"held_out_loss_before": history[0][1], "held_out_loss_after": history[-1][1]}
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,6 +450,10 @@ def table_unit(results: list[CellResult]) -> tuple[int, str]:
     return (GIB, "GiB") if max(values, default=0) >= GIB else (MIB, "MiB")
 
 
+def _loss(value: float | None, sign: str = "") -> str:
+    return "-" if value is None else f"{value:{sign}.4f}"
+
+
 def _percent(value: int | None, total: int | None) -> str:
     return "-" if value is None or not total else f"{100 * value / total:.1f}%"
 
@@ -416,6 +481,12 @@ def markdown_table(results: list[CellResult], device_memory: int | None, on_cuda
         "trainable params",
         "median step (s)",
     ]
+    show_convs = any(r.quantized_conv_bytes is not None for r in results)
+    show_losses = any(r.held_out_loss_after is not None for r in results)
+    if show_convs:
+        header.append("quantized convs")
+    if show_losses:
+        header += ["held-out loss before", "held-out loss after", "quantization loss delta"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         load = r.after_model_load_allocated if on_cuda else r.after_model_load_rss
@@ -434,6 +505,10 @@ def markdown_table(results: list[CellResult], device_memory: int | None, on_cuda
             "-" if r.trainable_params is None else f"{r.trainable_params:,}",
             "-" if r.median_step_seconds is None else f"{r.median_step_seconds:.3f}",
         ]
+        if show_convs:
+            row.append(_gib(r.quantized_conv_bytes, unit))
+        if show_losses:
+            row += [_loss(r.held_out_loss_before), _loss(r.held_out_loss_after), _loss(r.quantization_loss_delta, "+")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -448,10 +523,22 @@ def write_markdown(results, path: Path, args, device_name: str, device_memory: i
         "- Memory in GiB (MiB where the header says so). On CUDA: `torch.cuda` allocated/reserved; on CPU: process RSS. Breakdown columns are exact "
         "tensor bytes (quantized weights as stored). 'quant only' rows load and quantize the frozen base and run one "
         "forward pass, without an adapter.",
-        "",
-        markdown_table(results, device_memory, on_cuda),
-        "",
     ]
+    if any(r.quantized_conv_bytes is not None for r in results):
+        text.append(
+            "- 'quantized convs': bytes of the UNet's convolutions as stored under --quant (part of frozen weights)."
+        )
+    if any(r.held_out_loss_after is not None for r in results):
+        text.append(
+            f"- Held-out loss before and after {args.train_steps} training steps, the same problem in every cell: "
+            + (
+                "the trainer's deterministic held-out diffusion loss (fixed split, noise and timesteps; plain MSE)"
+                if args.task == "text-to-image"
+                else "the trainer's eval loss on the validation split"
+            )
+            + ". 'quantization loss delta': the quantized base's held-out loss minus the unquantized base's."
+        )
+    text += ["", markdown_table(results, device_memory, on_cuda), ""]
     failed = [r for r in results if r.status != "ok"]
     if failed:
         text += ["Cells that did not finish:", ""] + [f"- {r.label}: {r.status}: `{r.error}`" for r in failed] + [""]
@@ -474,6 +561,13 @@ def _reproduce_argv(args) -> list[str]:
             argv.append(f"--{flag}")
     if args.max_memory:
         argv += ["--max_memory", str(args.max_memory)]
+    if args.optimizer != "adamw":
+        argv += ["--optimizer", args.optimizer]
+    for option in ("train_steps", "learning_rate", "validation_split"):
+        if getattr(args, option) is not None:
+            argv += [f"--{option}", str(getattr(args, option))]
+    if args.task == "text-to-image" and args.num_images != 4:
+        argv += ["--num_images", str(args.num_images)]
     return argv + ["--output_dir", args.output_dir]
 
 
@@ -499,7 +593,13 @@ def write_png(results: list[CellResult], path: Path, on_cuda: bool, title: str) 
     }
     positions = np.arange(len(results))
     width = 0.27
-    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(results) + 2), 4.5))
+    with_losses = [r for r in results if r.held_out_loss_after is not None]
+    bar_width = max(6, 0.9 * len(results) + 2)
+    if with_losses:
+        figure, (axis, scatter_axis) = plt.subplots(1, 2, figsize=(bar_width + 6, 4.5))
+        _memory_loss_scatter(scatter_axis, with_losses, on_cuda)
+    else:
+        figure, axis = plt.subplots(figsize=(bar_width, 4.5))
     for offset, (name, heights) in enumerate(series.items()):
         axis.bar(positions + (offset - 1) * width, heights, width, label=name)
     for index, result in enumerate(results):
@@ -516,6 +616,18 @@ def write_png(results: list[CellResult], path: Path, on_cuda: bool, title: str) 
     return path
 
 
+def _memory_loss_scatter(axis, results: list[CellResult], on_cuda: bool) -> None:
+    """Peak memory against the held-out loss after training, one labelled point per cell."""
+    peaks = [((r.peak_allocated if on_cuda else r.peak_rss) or 0) / GIB for r in results]
+    losses = [r.held_out_loss_after for r in results]
+    axis.scatter(peaks, losses)
+    for result, peak, loss in zip(results, peaks, losses):
+        axis.annotate(result.label, (peak, loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xlabel("peak GiB (" + ("allocated" if on_cuda else "RSS") + ")")
+    axis.set_ylabel("held-out loss after training")
+    axis.set_title("memory vs held-out loss")
+
+
 def log_to_tensorboard(results: list[CellResult], output_dir: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -525,6 +637,10 @@ def log_to_tensorboard(results: list[CellResult], output_dir: Path) -> None:
             value = getattr(result, name)
             if value is not None:
                 writer.add_scalar(f"profile/{result.adapter}-{result.quant}/{name}_gib", value / GIB, index)
+        for name in ("held_out_loss_before", "held_out_loss_after", "quantization_loss_delta"):
+            value = getattr(result, name)
+            if value is not None:
+                writer.add_scalar(f"profile/{result.adapter}-{result.quant}/{name}", value, index)
         writer.add_text(f"profile/{result.adapter}-{result.quant}/status", result.status, index)
     writer.close()
 

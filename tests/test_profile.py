@@ -120,3 +120,44 @@ def test_memory_options_reach_the_trainer_and_the_reproduce_command(tmp_path):
     )
     assert (trainer_args.adapter, trainer_args.quant, trainer_args.resolution) == ("lokr", "nf4", 64)
     assert profile.parse_args(profile._reproduce_argv(args)) == args
+
+
+def test_train_steps_puts_held_out_loss_beside_memory(tiny_sd_path, tmp_path):
+    argv = [
+        "--task", "text-to-image", "--pretrained", str(tiny_sd_path),
+        "--adapters", "lora", "--quant", "none,nf4", "--no_quant_only_row",
+        "--train_steps", "2", "--learning_rate", "1e-3", "--validation_split", "0.25", "--num_images", "8",
+        "--resolution", "32", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    results = profile.main(profile.parse_args(argv))
+    unquantized, nf4 = results
+    assert all(r.status == "ok" for r in results), [(r.label, r.error) for r in results]
+    for result in results:
+        assert result.held_out_loss_before > 0 and result.held_out_loss_after > 0
+        assert result.held_out_loss_after != result.held_out_loss_before
+    # The nf4 cell measured its own unquantized base: the one the unquantized cell starts from.
+    delta = nf4.held_out_loss_before - unquantized.held_out_loss_before
+    assert nf4.quantization_loss_delta == pytest.approx(delta, rel=1e-5, abs=1e-7)
+    assert unquantized.quantization_loss_delta is None and unquantized.quantized_conv_bytes is None
+    assert 0 < nf4.quantized_conv_bytes < nf4.frozen_weights
+
+    table = {row["cell"]: row for row in read_markdown_rows(tmp_path / "results.md")}
+    assert float(table["lora / nf4"]["held-out loss after"]) == pytest.approx(nf4.held_out_loss_after, abs=1e-4)
+    assert table["lora / none"]["quantization loss delta"] == "-"
+    assert float(table["lora / nf4"]["quantized convs"]) > 0
+    text = (tmp_path / "results.md").read_text()
+    assert "--train_steps 2" in text and "the same problem in every cell" in text
+    with open(tmp_path / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[1]["held_out_loss_after"]) == pytest.approx(nf4.held_out_loss_after)
+
+
+def test_causal_lm_train_steps_reports_eval_loss_before_and_after(tmp_path):
+    argv = [
+        "--task", "causal-lm", "--architecture", "tiny-llama", "--adapters", "lora", "--quant", "nf4",
+        "--no_quant_only_row", "--train_steps", "2", "--seq_len", "32", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    (result,) = profile.main(profile.parse_args(argv))
+    assert result.status == "ok", result.error
+    assert result.held_out_loss_before > 0 and result.held_out_loss_after > 0
+    assert result.quantization_loss_delta is None and result.quantized_conv_bytes is None
