@@ -747,11 +747,11 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--quant_skip",
         type=str,
-        nargs="+",
+        nargs="*",
         default=None,
         help="Module-name patterns (full name, dotted suffix or fnmatch glob) kept in full precision under --quant"
         f"; None keeps {', '.join(DEFAULT_SKIP_UNET)} out for the UNet, nothing for the text encoders and"
-        f" {', '.join(DEFAULT_SKIP_CAUSAL_LM)} for a causal LM.",
+        f" {', '.join(DEFAULT_SKIP_CAUSAL_LM)} for a causal LM; the flag with no pattern quantizes every layer.",
     )
 
 

@@ -149,7 +149,7 @@ def place_frozen_model(model, args, weight_dtype: torch.dtype, device, quant_sto
             model,
             args.quant,
             compute_dtype=weight_dtype,
-            skip=args.quant_skip or quantization.DEFAULT_SKIP_CAUSAL_LM,
+            skip=quantization.DEFAULT_SKIP_CAUSAL_LM if args.quant_skip is None else args.quant_skip,
             device=device,
             compute_errors=False,
             cast_rest=False,

@@ -175,7 +175,7 @@ def place_frozen_model(model, args, weight_dtype, device, role: str, quant_stora
             model,
             args.quant,
             compute_dtype=weight_dtype,
-            skip=args.quant_skip or default_skip,
+            skip=default_skip if args.quant_skip is None else args.quant_skip,
             device=device,
             compute_errors=bool(args.validation_loss_steps),  # the per-layer weight error, beside the held-out loss
             quant_storage=quant_storage,

@@ -162,13 +162,14 @@ def test_our_flags_choices(t2i_actions, clm_actions):
         assert list(actions["--quant"].choices) == ["8bit", "nf4"]
         assert list(actions["--mixed_precision"].choices) == ["no", "fp16", "bf16"]
         assert actions["--target_modules"].nargs == "+"
-        assert actions["--quant_skip"].nargs == "+"
+        assert actions["--quant_skip"].nargs == "*"  # no pattern: quantize every layer
 
 
 def test_list_flags_parse_to_lists():
     args = causal_lm_parser().parse_args(["--target_modules", "q_proj", "v_proj", "--quant_skip", "lm_head"])
     assert args.target_modules == ["q_proj", "v_proj"]
     assert args.quant_skip == ["lm_head"]
+    assert causal_lm_parser().parse_args(["--quant_skip"]).quant_skip == []
 
 
 @pytest.mark.parametrize("make_parser", [text_to_image_parser, causal_lm_parser])

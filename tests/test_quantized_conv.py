@@ -148,18 +148,20 @@ def test_adapters_train_save_and_load_on_quantized_convolutions(algo, tiny_unet,
     assert relative_error(trained_output, untrained_output) > 1e-4
 
 
-@pytest.mark.parametrize("quant_skip", [None, ["*resnets*"]])
+@pytest.mark.parametrize("quant_skip", [None, ["*resnets*"], []])
 def test_the_trainer_quantizes_unet_convolutions_but_conv_in_and_conv_out(tiny_unet, quant_skip):
     import argparse
 
     from diffusers_lowmem.train_text_to_image import place_frozen_model
 
     unet = copy.deepcopy(tiny_unet)
-    args = argparse.Namespace(quant="nf4", quant_skip=quant_skip)
+    args = argparse.Namespace(quant="nf4", quant_skip=quant_skip, validation_loss_steps=None)
     place_frozen_model(unet, args, torch.float32, torch.device("cpu"), role="unet")
     convolutions = {name: module for name, module in unet.named_modules() if isinstance(module, nn.Conv2d)}
     quantized = {name for name, module in convolutions.items() if is_quantized_conv(module)}
     if quant_skip is None:
         assert quantized == set(convolutions) - {"conv_in", "conv_out"}
+    elif not quant_skip:  # `--quant_skip` with no pattern: every convolution
+        assert quantized == set(convolutions)
     else:
         assert quantized == {name for name in convolutions if "resnets" not in name}
