@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DEMO_DIR ?= demo-output
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint demo profile-tiny clean
+.PHONY: install test lint demo profile-tiny fidelity-tiny clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,20 @@ profile-tiny: install
 	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task causal-lm --architecture tiny-llama \
 		--adapters lora,loha,lokr,locon --quant none,8bit,nf4 --steps 5 --seq_len 64 --batch_size 2 \
 		--mixed_precision no --output_dir /tmp/profile-tiny-llama
+
+# benchmarks/results/cpu-tiny-fidelity.md: 4 adapters x {none, 8bit, nf4}, 300 steps each, held-out loss beside memory.
+FIDELITY_DIR ?= /tmp/fidelity-tiny
+fidelity-tiny: install
+	$(PY) -m diffusers_lowmem.tiny $(FIDELITY_DIR)/tiny
+	OMP_NUM_THREADS=2 $(PY) -m diffusers_lowmem.profile --task text-to-image --pretrained $(FIDELITY_DIR)/tiny/sd \
+		--adapters lora,loha,lokr,locon --quant none,8bit,nf4 --no_quant_only_row --train_steps 300 \
+		--learning_rate 1e-3 --num_images 16 --validation_split 0.25 --resolution 32 --batch_size 4 \
+		--output_dir $(FIDELITY_DIR)/sd
+	OMP_NUM_THREADS=2 $(PY) -m diffusers_lowmem.profile --task causal-lm --pretrained $(FIDELITY_DIR)/tiny/llama \
+		--adapters lora,loha,lokr,locon --quant none,8bit,nf4 --no_quant_only_row --train_steps 300 \
+		--learning_rate 1e-3 --seq_len 64 --batch_size 4 --output_dir $(FIDELITY_DIR)/llama
+	OMP_NUM_THREADS=2 $(PY) benchmarks/quantized_conv_held_out.py --pretrained $(FIDELITY_DIR)/tiny/sd \
+		--work_dir $(FIDELITY_DIR)/conv --output $(FIDELITY_DIR)/quantized-conv-held-out.md
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info .pytest_cache

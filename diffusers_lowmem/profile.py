@@ -386,6 +386,18 @@ def _result_from_report(adapter: str, quant: str, report_path: Path, cell_dir: P
     )
 
 
+def fill_quantization_loss_deltas(results: list[CellResult]) -> None:
+    """Where a trainer does not measure it (causal LM), a quantized cell's quantization loss delta is its loss
+    before training minus that of the unquantized cell with the same adapter: both are the base's, adapters start
+    as the identity."""
+    before_unquantized = {r.adapter: r.held_out_loss_before for r in results if r.quant == "none"}
+    for result in results:
+        reference = before_unquantized.get(result.adapter)
+        if result.quantization_loss_delta is None and result.quant != "none" and result.held_out_loss_before:
+            if reference is not None:
+                result.quantization_loss_delta = result.held_out_loss_before - reference
+
+
 def quantized_conv_bytes(quantization: dict) -> int | None:
     """Stored bytes of the quantized convolutions (layers with a 3-d or 4-d weight) in the quantization reports."""
     layers = [layer for report in quantization.values() for layer in report.get("layers", [])]
@@ -536,7 +548,9 @@ def write_markdown(results, path: Path, args, device_name: str, device_memory: i
                 if args.task == "text-to-image"
                 else "the trainer's eval loss on the validation split"
             )
-            + ". 'quantization loss delta': the quantized base's held-out loss minus the unquantized base's."
+            + ". 'quantization loss delta': the quantized base's held-out loss minus the unquantized base's, before"
+            " training (the text-to-image trainer measures both bases; otherwise the cell's loss before training minus"
+            " the unquantized cell's)."
         )
     text += ["", markdown_table(results, device_memory, on_cuda), ""]
     failed = [r for r in results if r.status != "ok"]
@@ -658,6 +672,7 @@ def main(args: argparse.Namespace) -> list[CellResult]:
         result = run_cell(args, adapter, quant, data_dir, output_dir)
         results.append(result)
         logger.info(f"{result.label}: {result.status}, peak {_gib(result.peak_allocated or result.peak_rss)} GiB")
+    fill_quantization_loss_deltas(results)
     device_name, device_memory = device_description()
     on_cuda = any(r.peak_allocated is not None for r in results) or "CPU" not in device_name
     write_csv(results, output_dir / "results.csv")

@@ -154,10 +154,13 @@ def test_train_steps_puts_held_out_loss_beside_memory(tiny_sd_path, tmp_path):
 
 def test_causal_lm_train_steps_reports_eval_loss_before_and_after(tmp_path):
     argv = [
-        "--task", "causal-lm", "--architecture", "tiny-llama", "--adapters", "lora", "--quant", "nf4",
+        "--task", "causal-lm", "--architecture", "tiny-llama", "--adapters", "lora", "--quant", "none,nf4",
         "--no_quant_only_row", "--train_steps", "2", "--seq_len", "32", "--output_dir", str(tmp_path),
     ]  # fmt: skip
-    (result,) = profile.main(profile.parse_args(argv))
-    assert result.status == "ok", result.error
-    assert result.held_out_loss_before > 0 and result.held_out_loss_after > 0
-    assert result.quantization_loss_delta is None and result.quantized_conv_bytes is None
+    unquantized, nf4 = profile.main(profile.parse_args(argv))
+    assert nf4.status == unquantized.status == "ok", (nf4.error, unquantized.error)
+    assert nf4.held_out_loss_before > 0 and nf4.held_out_loss_after > 0
+    # The causal trainer has no delta of its own: the profile takes it from the unquantized cell's start.
+    delta = nf4.held_out_loss_before - unquantized.held_out_loss_before
+    assert nf4.quantization_loss_delta == pytest.approx(delta) and delta != 0
+    assert unquantized.quantization_loss_delta is None and nf4.quantized_conv_bytes is None
