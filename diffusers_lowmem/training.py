@@ -216,6 +216,8 @@ def save_checkpoint(
         shutil.rmtree(partial_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial_dir))
+    # Every process writes its own RNG state into the directory: rename it only once all of them have.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = dict(training_state, global_step=global_step)
         (partial_dir / TRAINING_STATE_NAME).write_text(json.dumps(state, indent=2))

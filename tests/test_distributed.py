@@ -35,6 +35,11 @@ def assert_distributed_run(output: str, output_dir: Path, weights_name: str) -> 
     assert event_files and len({path.name.split(".")[-2] for path in event_files}) == 1
     assert (output_dir / "memory_report.json").is_file()
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    # Renamed only after every process wrote its RNG state into it.
+    assert {path.name for path in (output_dir / "checkpoint-2").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
 
 
 @pytest.mark.parametrize("trainer", ["text-to-image", "causal-lm"])
