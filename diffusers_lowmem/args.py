@@ -969,10 +969,25 @@ def _validate_shared_args(args: argparse.Namespace, parser: argparse.ArgumentPar
     if args.checkpoints_total_limit is not None:
         _check_at_least(parser, "--checkpoints_total_limit", args.checkpoints_total_limit, 1)
     _check_positive(parser, "--learning_rate", args.learning_rate)
+    _check_hub_reachable(parser, args.push_to_hub)
     args.optimizer = _resolve_optimizer(parser, args.optimizer, args.use_8bit_adam)
     _check_resume_from_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
     _check_output_dir(parser, args.output_dir)
     _check_mixed_precision(parser, args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
+
+
+def _check_hub_reachable(parser: argparse.ArgumentParser, push_to_hub: bool) -> None:
+    """`--push_to_hub` uploads at the end of training: refuse it up front when the Hub is switched off."""
+    if not push_to_hub:
+        return
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        parser.error(
+            "--push_to_hub uploads the result to the Hub at the end of training, but HF_HUB_OFFLINE is set: unset"
+            " HF_HUB_OFFLINE or drop --push_to_hub (the output dir can be uploaded later with `huggingface-cli"
+            " upload`)."
+        )
 
 
 DEFAULT_VALIDATION_SPLIT = 0.1

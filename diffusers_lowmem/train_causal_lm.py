@@ -291,20 +291,6 @@ def save_outputs(args, accelerator, network, model, tokenizer, results: dict, co
     return {"weights": weights_path, "peft": peft_path}
 
 
-def push_to_hub(args) -> None:
-    """Uploads `--output_dir` (without checkpoints) to `--hub_model_id`, as upstream's `--push_to_hub`."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).absolute().name, exist_ok=True).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=[f"{training.CHECKPOINT_PREFIX}-*", "*.partial", f"{args.logging_dir}/*"],
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The recipe
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,7 +531,7 @@ def main(args: argparse.Namespace) -> dict:
         )
         logger.info("Memory:\n" + tracker.summary_table())
         if args.push_to_hub:
-            push_to_hub(args)
+            training.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.logging_dir)
     accelerator.end_training()
     return summary
 

@@ -852,6 +852,8 @@ def main(args: argparse.Namespace) -> dict:
             arg_groups.ARCHITECTURE_PREFIX
         ):
             run_final_test(args, accelerator, weight_dtype, sdxl)
+        if args.push_to_hub:
+            training.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.logging_dir)
     accelerator.end_training()
     return {"global_step": global_step, "loss": float(loss.detach().item()), "weights": weights_path}
 

@@ -230,6 +230,32 @@ def save_checkpoint(
     return final_dir
 
 
+def push_to_hub(output_dir, hub_model_id: str | None, hub_token: str | None, logging_dir: str = "logs") -> str:
+    """Uploads `output_dir` to the Hub as upstream's `--push_to_hub` does: without checkpoints and TensorBoard logs.
+
+    Args:
+        output_dir: The run's output directory.
+        hub_model_id: The repository (`user/name`); None: the output directory's name under the token's user.
+        hub_token: A token, or None for the one `huggingface-cli login` stored.
+        logging_dir: The TensorBoard directory inside `output_dir`, left out.
+
+    Returns:
+        The repository id.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=hub_token)
+    repo_id = api.create_repo(hub_model_id or Path(output_dir).absolute().name, exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        commit_message="End of training",
+        ignore_patterns=[f"{CHECKPOINT_PREFIX}-*", f"*{_PARTIAL_SUFFIX}", f"{logging_dir}/*"],
+    )
+    logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
+    return repo_id
+
+
 def read_training_state(path: str | os.PathLike) -> dict:
     """The `training_state.json` of a checkpoint (global step, seed, ...)."""
     return json.loads((Path(path) / TRAINING_STATE_NAME).read_text())

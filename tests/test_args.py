@@ -399,3 +399,20 @@ def test_adapter_config_from_args_round_trip():
     assert (config.lokr_factor, config.dropout, config.target_modules) == (4, 0.1, ("q_proj", "v_proj"))
     default = adapter_config_from_args(causal_lm_parser().parse_args([]))
     assert (default.algo, default.rank, default.alpha, default.target_modules) == ("lora", 4, None, None)
+
+
+@pytest.mark.parametrize("module", ["train_text_to_image", "train_causal_lm"])
+def test_push_to_hub_is_refused_before_training_when_the_hub_is_off(module, monkeypatch, capsys):
+    import importlib
+
+    from huggingface_hub import constants
+
+    trainer = importlib.import_module(f"diffusers_lowmem.{module}")
+    model_flag = "--pretrained_model_name_or_path" if module == "train_text_to_image" else "--model_name_or_path"
+    argv = [model_flag, "org/model", "--dataset_name", "x/y", "--output_dir", "out", "--push_to_hub"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.parse_args(argv)
+    assert exit_info.value.code == 2 and "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert trainer.parse_args(argv).push_to_hub
