@@ -160,6 +160,14 @@ def resolve_resume_checkpoint(output_dir: str | os.PathLike, resume_from_checkpo
         ValueError: If an explicit path does not exist or is not a complete checkpoint.
     """
     if not resume_from_checkpoint:
+        earlier = list_checkpoints(output_dir)
+        if earlier:
+            logger.warning(
+                f"{output_dir} already holds checkpoints of an earlier run ({earlier[0].name} ... {earlier[-1].name})."
+                " This new run writes its own beside them (replacing any of the same step), and a later"
+                " --resume_from_checkpoint latest picks the newest of either. To continue that run pass"
+                " --resume_from_checkpoint latest; to start afresh use another --output_dir."
+            )
         return None
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)

@@ -8,6 +8,7 @@ sends itself SIGKILL: the state on disk is whatever the real code had written by
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -155,3 +156,19 @@ def test_out_of_memory_writes_the_report_and_says_what_to_try(tiny_sd_path, tiny
     assert "can't allocate memory" in report["out_of_memory"]
     assert {"after_model_load", "after_adapter"} <= set(report["milestones"])
     assert "Traceback" not in output
+
+
+def test_a_new_run_in_a_folder_with_checkpoints_warns_before_writing_beside_them(tmp_path, caplog):
+    from diffusers_lowmem import training
+
+    assert training.resolve_resume_checkpoint(tmp_path, None) is None
+    assert not caplog.records  # nothing to warn about in an empty folder
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / training.TRAINING_STATE_NAME).write_text(json.dumps({"global_step": step}))
+    with caplog.at_level(logging.WARNING, logger="diffusers_lowmem.training"):
+        assert training.resolve_resume_checkpoint(tmp_path, None) is None
+    (record,) = caplog.records
+    assert "checkpoint-2 ... checkpoint-10" in record.getMessage()
+    assert "--resume_from_checkpoint latest" in record.getMessage()
+    assert training.resolve_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
