@@ -791,7 +791,9 @@ def add_evaluation_args(parser: argparse.ArgumentParser, text_to_image: bool = F
             default=None,
             help="Also evaluate (eval loss and perplexity, logged as eval/loss and eval/perplexity with"
             " --with_tracking) every N optimizer steps, before training and at its end, besides upstream's"
-            " evaluation after each epoch.",
+            " evaluation after each epoch. With --quant it also logs eval/quantization_loss_delta: the eval loss of"
+            " the quantized base minus the unquantized one (which visits the device once, before training; skipped"
+            " with a warning if it does not fit).",
         )
         return
     group.add_argument(

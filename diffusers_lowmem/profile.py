@@ -387,9 +387,9 @@ def _result_from_report(adapter: str, quant: str, report_path: Path, cell_dir: P
 
 
 def fill_quantization_loss_deltas(results: list[CellResult]) -> None:
-    """Where a trainer does not measure it (causal LM), a quantized cell's quantization loss delta is its loss
-    before training minus that of the unquantized cell with the same adapter: both are the base's, adapters start
-    as the identity."""
+    """Where the trainer did not measure it (an `architecture:` model), a quantized cell's quantization loss delta
+    is its loss before training minus that of the unquantized cell with the same adapter: both are the base's,
+    adapters start as the identity."""
     before_unquantized = {r.adapter: r.held_out_loss_before for r in results if r.quant == "none"}
     for result in results:
         reference = before_unquantized.get(result.adapter)
@@ -416,7 +416,11 @@ def held_out_losses(summary: dict) -> dict:
         }
     history = summary.get("eval_history")  # causal LM: [step, eval loss, perplexity]
     if history:
-        return {"held_out_loss_before": history[0][1], "held_out_loss_after": history[-1][1]}
+        return {
+            "held_out_loss_before": history[0][1],
+            "held_out_loss_after": history[-1][1],
+            "quantization_loss_delta": summary.get("quantization_loss_delta"),
+        }
     return {}
 
 
@@ -549,8 +553,8 @@ def write_markdown(results, path: Path, args, device_name: str, device_memory: i
                 else "the trainer's eval loss on the validation split"
             )
             + ". 'quantization loss delta': the quantized base's held-out loss minus the unquantized base's, before"
-            " training (the text-to-image trainer measures both bases; otherwise the cell's loss before training minus"
-            " the unquantized cell's)."
+            " training (measured by the trainer on both bases; for an `architecture:` model, the cell's loss before"
+            " training minus the unquantized cell's)."
         )
     text += ["", markdown_table(results, device_memory, on_cuda), ""]
     failed = [r for r in results if r.status != "ok"]

@@ -151,7 +151,7 @@ def place_frozen_model(model, args, weight_dtype: torch.dtype, device, quant_sto
             compute_dtype=weight_dtype,
             skip=quantization.DEFAULT_SKIP_CAUSAL_LM if args.quant_skip is None else args.quant_skip,
             device=device,
-            compute_errors=False,
+            compute_errors=bool(args.eval_steps),  # the per-layer weight error, beside the eval loss
             cast_rest=False,
             quant_storage=quant_storage,
         )
@@ -245,6 +245,51 @@ def evaluate(model, eval_dataloader, accelerator, per_device_eval_batch_size: in
     return eval_loss, perplexity_of(eval_loss)
 
 
+@torch.no_grad()
+def mean_eval_loss(model, eval_dataloader, device) -> float:
+    """The mean loss over every block of an unprepared (unsharded) eval loader, each batch weighted by its size: the
+    number upstream's `evaluate` gives, computed by one process alone."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_dataloader:
+        size = len(batch["input_ids"])
+        total += model(**{key: value.to(device) for key, value in batch.items()}).loss.item() * size
+        count += size
+    return total / count
+
+
+def unquantized_base_eval_loss(args, model, eval_dataloader, accelerator) -> float | None:
+    """The eval loss of the base before quantization: it visits the device once, before memory tracking starts, and
+    goes back to the CPU unchanged. None, with a warning, when it does not fit, or for an `architecture:` model."""
+    if args.model_name_or_path.startswith(ARCHITECTURE_PREFIX):
+        logger.info("No quantization loss delta for an architecture with random weights.")
+        return None
+    try:
+        model.to(accelerator.device)
+        eval_loss = mean_eval_loss(model, eval_dataloader, accelerator.device)
+        logger.info(f"Eval loss of the unquantized base: {eval_loss}")
+        return eval_loss
+    except torch.OutOfMemoryError:
+        logger.warning("The unquantized base does not fit on the device: no eval/quantization_loss_delta this run.")
+        return None
+    finally:
+        model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def quantization_eval_scalars(quantized_loss: float, unquantized_loss: float | None, quant_report) -> dict:
+    """What quantization alone cost: the eval loss of the quantized and unquantized base, their difference
+    (`eval/quantization_loss_delta`), and the mean relative weight error of the quantized layers."""
+    scalars = {"eval/quantized_base_loss": quantized_loss}
+    if unquantized_loss is not None:
+        scalars["eval/unquantized_base_loss"] = unquantized_loss
+        scalars["eval/quantization_loss_delta"] = quantized_loss - unquantized_loss
+    if quant_report is not None and quant_report.mean_relative_error is not None:
+        scalars["eval/quantization_weight_error/llm"] = quant_report.mean_relative_error
+    return scalars
+
+
 def record_evaluation(history: list, model, eval_dataloader, accelerator, args, step: int) -> None:
     """`--eval_steps`: evaluates, logs `eval/loss` and `eval/perplexity` at `step` and keeps them for the summary."""
     eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
@@ -314,15 +359,23 @@ def main(args: argparse.Namespace) -> dict:
         seed = training.read_training_state(resume_path).get("seed", seed)
     training.seed_step(seed, -2)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
-    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
 
-    # Load the frozen base: quantized layer by layer on the way to the device with --quant.
     tokenizer = load_tokenizer(args)
     model = load_model(args, weight_dtype, tokenizer)
     conv1d_modules = quantization.conv1d_to_linear_(model)  # GPT-2's Conv1D projections become nn.Linear
+    model.config.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
+    lm_datasets, block_size = build_lm_datasets(args, raw_datasets, tokenizer, model, accelerator)
+    train_dataloader, eval_dataloader = build_dataloaders(args, lm_datasets, seed)
+    # --eval_steps with --quant: the eval loss of the base before quantization, for eval/quantization_loss_delta.
+    unquantized_eval_loss = None
+    if args.eval_steps and args.quant:
+        unquantized_eval_loss = unquantized_base_eval_loss(args, model, eval_dataloader, accelerator)
+    # From here on the tracker's peak covers the run (the unquantized base's visit above is not part of it).
+    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
+
+    # Place the frozen base: quantized layer by layer on the way to the device with --quant.
     quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
     quant_report = place_frozen_model(model, args, weight_dtype, accelerator.device, quant_storage)
-    model.config.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
     tracker.watch(models=[model])
     tracker.milestone("after_model_load")
 
@@ -330,9 +383,6 @@ def main(args: argparse.Namespace) -> dict:
     enable_gradient_checkpointing(args, model)
     tracker.watch(models=[model])
     tracker.milestone("after_adapter")
-
-    lm_datasets, block_size = build_lm_datasets(args, raw_datasets, tokenizer, model, accelerator)
-    train_dataloader, eval_dataloader = build_dataloaders(args, lm_datasets, seed)
 
     # Optimizer and schedule, as upstream (the adapter has no bias or norm weights to exempt from weight decay).
     trainable = training.trainable_parameters(network)
@@ -403,8 +453,12 @@ def main(args: argparse.Namespace) -> dict:
     loss = torch.tensor(float("nan"))
     eval_loss, perplexity = float("nan"), float("nan")
     eval_history = []  # [step, eval loss, perplexity] of --eval_steps
+    quantization_scalars = {}
     if args.eval_steps:
         record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step)
+        if global_step == 0 and args.quant:  # adapters start as the identity: this is the quantized base's loss
+            quantization_scalars = quantization_eval_scalars(eval_history[0][1], unquantized_eval_loss, quant_report)
+            accelerator.log(quantization_scalars, step=0)
     step_seconds, step_started = [], time.perf_counter()
     stopped_by = None
     with training.StopSignals() as stop_signals, training.out_of_memory_guard(tracker, args.output_dir, False):
@@ -526,6 +580,7 @@ def main(args: argparse.Namespace) -> dict:
                 "step_seconds": step_seconds,
                 **results,
                 "eval_history": eval_history,
+                **{key.removeprefix("eval/"): value for key, value in quantization_scalars.items()},
                 "quantization": quant_summary,
             },
         )

@@ -272,3 +272,33 @@ def test_causal_lm_logs_perplexity_every_eval_steps(tiny_llama_path, tiny_text_p
     first = load_file(tmp_path / "every-2" / adapters.LYCORIS_WEIGHT_NAME)
     second = load_file(tmp_path / "every-100" / adapters.LYCORIS_WEIGHT_NAME)
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_causal_lm_quantization_loss_delta_compares_against_the_unquantized_run(
+    tiny_llama_path, tiny_text_path, tmp_path
+):
+    from diffusers_lowmem import train_causal_lm
+
+    def run_causal(output_dir, *extra):
+        argv = [
+            "--model_name_or_path", str(tiny_llama_path),
+            "--train_file", str(tiny_text_path / "train.txt"),
+            "--validation_file", str(tiny_text_path / "validation.txt"),
+            "--block_size", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8",
+            "--max_train_steps", "1", "--eval_steps", "1", "--seed", "0", "--output_dir", str(output_dir), *extra,
+        ]  # fmt: skip
+        train_causal_lm.main(train_causal_lm.parse_args(argv))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return json.loads((output_dir / "training_summary.json").read_text())
+
+    unquantized = run_causal(tmp_path / "none")
+    nf4 = run_causal(tmp_path / "nf4", "--quant", "nf4", "--with_tracking", "--report_to", "tensorboard")
+    assert "quantization_loss_delta" not in unquantized
+    # The unquantized base measured inside the nf4 run is the base the unquantized run starts from.
+    assert nf4["unquantized_base_loss"] == pytest.approx(unquantized["eval_history"][0][1], rel=1e-6)
+    assert nf4["quantized_base_loss"] == nf4["eval_history"][0][1]
+    delta = nf4["quantized_base_loss"] - nf4["unquantized_base_loss"]
+    assert nf4["quantization_loss_delta"] == pytest.approx(delta) and delta != 0
+    assert 0.05 < nf4["quantization_weight_error/llm"] < 0.2
+    logged = scalars(tmp_path / "nf4", "eval/")
+    assert logged["eval/quantization_loss_delta"] == [(0, pytest.approx(delta, rel=1e-5, abs=1e-7))]
