@@ -179,6 +179,9 @@ def test_every_flag_has_help_and_help_renders(make_parser):
     assert missing == []
     text = parser.format_help()
     assert "drop-in" in text and "Adapter (LyCORIS)" in text and "(default: lora)" in text
+    for group in ("Quantization (bitsandbytes)", "Optimizer", "Evaluation", "Memory", "Reliability"):
+        assert f"\n{group}:\n" in text, group
+    assert "paged_adamw8bit" in text and ("--validation_loss_steps" in text or "--eval_steps" in text)
 
 
 # --------------------------------------------------------------------------------------------------------------------

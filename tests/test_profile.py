@@ -150,6 +150,11 @@ def test_train_steps_puts_held_out_loss_beside_memory(tiny_sd_path, tmp_path):
     with open(tmp_path / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert float(rows[1]["held_out_loss_after"]) == pytest.approx(nf4.held_out_loss_after)
+    # results.png gains a memory-versus-loss panel beside the bars: twice as wide as the bars alone.
+    from PIL import Image
+
+    with Image.open(tmp_path / "results.png") as png:
+        assert png.width > 2.5 * png.height
 
 
 def test_causal_lm_train_steps_reports_eval_loss_before_and_after(tmp_path):
