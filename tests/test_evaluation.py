@@ -11,8 +11,10 @@ from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train_causal_lm import train_argv as causal_lm_argv
+from test_train_text_to_image import train_argv as text_to_image_argv
 
-from diffusers_lowmem import adapters, data, evaluation, train_text_to_image
+from diffusers_lowmem import adapters, data, evaluation, train_causal_lm, train_text_to_image
 
 
 @pytest.fixture(autouse=True)
@@ -101,17 +103,8 @@ def test_held_out_loss_is_the_plain_mse_against_the_target(prediction_type):
 
 
 def train_argv(sd_path, images_path, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(sd_path),
-        "--train_data_dir", str(images_path),
-        "--resolution", "32",
-        "--train_batch_size", "2",
-        "--learning_rate", "1e-3",
-        "--validation_split", "0.25",
-        "--seed", "0",
-        "--output_dir", str(output_dir),
-        *extra,
-    ]  # fmt: skip
+    """The text-to-image trainer's test command line, with a quarter of the 8 tiny images held out."""
+    return text_to_image_argv(sd_path, images_path, output_dir, "--validation_split", "0.25", *extra)
 
 
 def run(argv) -> dict:
@@ -238,23 +231,8 @@ def test_a_split_that_leaves_nothing_to_train_fails_before_models_load(tiny_sd_p
 
 
 def test_causal_lm_logs_perplexity_every_eval_steps(tiny_llama_path, tiny_text_path, tmp_path):
-    from diffusers_lowmem import train_causal_lm
-
-    argv = [
-        "--model_name_or_path", str(tiny_llama_path),
-        "--train_file", str(tiny_text_path / "train.txt"),
-        "--validation_file", str(tiny_text_path / "validation.txt"),
-        "--block_size", "32",
-        "--per_device_train_batch_size", "2",
-        "--per_device_eval_batch_size", "8",
-        "--learning_rate", "1e-3",
-        "--max_train_steps", "5",
-        "--eval_steps", "2",
-        "--adapter_dropout", "0.1",
-        "--seed", "0",
-        "--with_tracking", "--report_to", "tensorboard",
-        "--output_dir", str(tmp_path / "every-2"),
-    ]  # fmt: skip
+    argv = causal_lm_argv(tiny_llama_path, tiny_text_path, tmp_path / "every-2", "--max_train_steps", "5")
+    argv += ["--eval_steps", "2", "--adapter_dropout", "0.1", "--with_tracking", "--report_to", "tensorboard"]
     summary = train_causal_lm.main(train_causal_lm.parse_args(argv))
     history = json.loads((tmp_path / "every-2" / "training_summary.json").read_text())["eval_history"]
     assert [step for step, _, _ in history] == [0, 2, 4, 5]
@@ -267,7 +245,7 @@ def test_causal_lm_logs_perplexity_every_eval_steps(tiny_llama_path, tiny_text_p
     # Evaluating in the middle of an epoch leaves training as it was (dropout included).
     AcceleratorState._reset_state(reset_partial_state=True)
     argv[argv.index("--eval_steps") + 1] = "100"
-    argv[-1] = str(tmp_path / "every-100")
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "every-100")
     train_causal_lm.main(train_causal_lm.parse_args(argv))
     first = load_file(tmp_path / "every-2" / adapters.LYCORIS_WEIGHT_NAME)
     second = load_file(tmp_path / "every-100" / adapters.LYCORIS_WEIGHT_NAME)
@@ -277,16 +255,9 @@ def test_causal_lm_logs_perplexity_every_eval_steps(tiny_llama_path, tiny_text_p
 def test_causal_lm_quantization_loss_delta_compares_against_the_unquantized_run(
     tiny_llama_path, tiny_text_path, tmp_path
 ):
-    from diffusers_lowmem import train_causal_lm
-
     def run_causal(output_dir, *extra):
-        argv = [
-            "--model_name_or_path", str(tiny_llama_path),
-            "--train_file", str(tiny_text_path / "train.txt"),
-            "--validation_file", str(tiny_text_path / "validation.txt"),
-            "--block_size", "32", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8",
-            "--max_train_steps", "1", "--eval_steps", "1", "--seed", "0", "--output_dir", str(output_dir), *extra,
-        ]  # fmt: skip
+        argv = causal_lm_argv(tiny_llama_path, tiny_text_path, output_dir, "--max_train_steps", "1", *extra)
+        argv += ["--eval_steps", "1"]
         train_causal_lm.main(train_causal_lm.parse_args(argv))
         AcceleratorState._reset_state(reset_partial_state=True)
         return json.loads((output_dir / "training_summary.json").read_text())

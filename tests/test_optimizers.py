@@ -13,6 +13,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
+from test_train_causal_lm import train_argv as causal_lm_argv
+from test_train_text_to_image import train_argv as text_to_image_argv
 
 from diffusers_lowmem import adapters, train_causal_lm, train_text_to_image, training
 
@@ -76,41 +78,13 @@ def check_state_bytes(output_dir: Path, optimizer: str) -> dict:
     return report
 
 
-def causal_lm_argv(model_path, text_path, output_dir, *extra):
-    return [
-        "--model_name_or_path", str(model_path),
-        "--train_file", str(Path(text_path, "train.txt")),
-        "--validation_file", str(Path(text_path, "validation.txt")),
-        "--block_size", "32",
-        "--per_device_train_batch_size", "2",
-        "--learning_rate", "1e-3",
-        "--max_train_steps", "3",
-        "--seed", "0",
-        "--output_dir", str(output_dir),
-        *extra,
-    ]  # fmt: skip
-
-
-def text_to_image_argv(sd_path, images_path, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path", str(sd_path),
-        "--train_data_dir", str(images_path),
-        "--resolution", "32",
-        "--train_batch_size", "2",
-        "--learning_rate", "1e-3",
-        "--max_train_steps", "2",
-        "--seed", "0",
-        "--output_dir", str(output_dir),
-        *extra,
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize("optimizer", list(training.OPTIMIZERS))
 def test_each_optimizer_trains_the_tiny_llama_and_its_state_is_counted_as_stored(
     optimizer, tiny_llama_path, tiny_text_path, tmp_path
 ):
     # Rank 64 makes the larger LoRA factors (64x128, 64x64) big enough for 8-bit state; the rest stay 32-bit.
     argv = causal_lm_argv(tiny_llama_path, tiny_text_path, tmp_path, "--optimizer", optimizer, "--rank", "64")
+    argv += ["--max_train_steps", "3"]
     summary = train_causal_lm.main(train_causal_lm.parse_args(argv))
     assert summary["global_step"] == 3 and math.isfinite(summary["loss"]) and math.isfinite(summary["perplexity"])
     check_learned(tmp_path)
@@ -138,7 +112,7 @@ def test_each_optimizer_trains_the_tiny_unet_and_its_state_is_counted_as_stored(
     optimizer, tiny_sd_path, tiny_images_path, tmp_path
 ):
     argv = text_to_image_argv(tiny_sd_path, tiny_images_path, tmp_path, "--optimizer", optimizer, "--rank", "64")
-    argv += ["--quant", "nf4"]
+    argv += ["--quant", "nf4", "--max_train_steps", "2"]
     summary = train_text_to_image.main(train_text_to_image.parse_args(argv))
     assert summary["global_step"] == 2 and math.isfinite(summary["loss"])
     check_learned(tmp_path)
