@@ -153,3 +153,50 @@ def diffusion_held_out_loss(
             total += per_example.sum().item()
             count += len(per_example)
     return total / count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What quantization alone costs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def unquantized_loss(models: Sequence[torch.nn.Module], device, compute_loss: Callable[[], float]) -> float | None:
+    """`compute_loss()` with the unquantized `models` on `device`, for `eval/quantization_loss_delta`.
+
+    The models visit the device once and go back to the CPU unchanged (their dtype is the one they were loaded in).
+    Call it before memory tracking starts, so that the visit is not part of the run's peak.
+
+    Returns:
+        The loss, or None, with a warning, when the models do not fit on the device.
+    """
+    try:
+        for model in models:
+            model.to(device)
+        return compute_loss()
+    except torch.OutOfMemoryError:
+        logger.warning("The unquantized base does not fit on the device: no eval/quantization_loss_delta this run.")
+        return None
+    finally:
+        for model in models:
+            model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def quantization_scalars(quantized_loss: float, unquantized: float | None, reports: dict) -> dict[str, float]:
+    """What quantization alone cost, as tracker scalars: the held-out loss of the quantized base and (when measured)
+    of the unquantized one, their difference `eval/quantization_loss_delta`, and each model's mean relative weight
+    error (`eval/quantization_weight_error/<role>`) from its quantization report (None for an unquantized model)."""
+    scalars = {"eval/quantized_base_loss": quantized_loss}
+    if unquantized is not None:
+        scalars["eval/unquantized_base_loss"] = unquantized
+        scalars["eval/quantization_loss_delta"] = quantized_loss - unquantized
+    for role, report in reports.items():
+        if report is not None and report.mean_relative_error is not None:
+            scalars[f"eval/quantization_weight_error/{role}"] = report.mean_relative_error
+    return scalars
+
+
+def summary_fields(scalars: dict[str, float]) -> dict[str, float]:
+    """Tracker scalars as `training_summary.json` keys: the `eval/` prefix dropped."""
+    return {key.removeprefix("eval/"): value for key, value in scalars.items()}

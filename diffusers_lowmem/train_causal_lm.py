@@ -29,7 +29,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from diffusers_lowmem import adapters, data, memory, peft_format, quantization, training
+from diffusers_lowmem import adapters, data, evaluation, memory, peft_format, quantization, training
 from diffusers_lowmem import args as arg_groups
 
 logger = get_logger(__name__, log_level="INFO")
@@ -258,38 +258,6 @@ def mean_eval_loss(model, eval_dataloader, device) -> float:
     return total / count
 
 
-def unquantized_base_eval_loss(args, model, eval_dataloader, accelerator) -> float | None:
-    """The eval loss of the base before quantization: it visits the device once, before memory tracking starts, and
-    goes back to the CPU unchanged. None, with a warning, when it does not fit, or for an `architecture:` model."""
-    if args.model_name_or_path.startswith(ARCHITECTURE_PREFIX):
-        logger.info("No quantization loss delta for an architecture with random weights.")
-        return None
-    try:
-        model.to(accelerator.device)
-        eval_loss = mean_eval_loss(model, eval_dataloader, accelerator.device)
-        logger.info(f"Eval loss of the unquantized base: {eval_loss}")
-        return eval_loss
-    except torch.OutOfMemoryError:
-        logger.warning("The unquantized base does not fit on the device: no eval/quantization_loss_delta this run.")
-        return None
-    finally:
-        model.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def quantization_eval_scalars(quantized_loss: float, unquantized_loss: float | None, quant_report) -> dict:
-    """What quantization alone cost: the eval loss of the quantized and unquantized base, their difference
-    (`eval/quantization_loss_delta`), and the mean relative weight error of the quantized layers."""
-    scalars = {"eval/quantized_base_loss": quantized_loss}
-    if unquantized_loss is not None:
-        scalars["eval/unquantized_base_loss"] = unquantized_loss
-        scalars["eval/quantization_loss_delta"] = quantized_loss - unquantized_loss
-    if quant_report is not None and quant_report.mean_relative_error is not None:
-        scalars["eval/quantization_weight_error/llm"] = quant_report.mean_relative_error
-    return scalars
-
-
 def record_evaluation(history: list, model, eval_dataloader, accelerator, args, step: int) -> None:
     """`--eval_steps`: evaluates, logs `eval/loss` and `eval/perplexity` at `step` and keeps them for the summary."""
     eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
@@ -368,8 +336,10 @@ def main(args: argparse.Namespace) -> dict:
     train_dataloader, eval_dataloader = build_dataloaders(args, lm_datasets, seed)
     # --eval_steps with --quant: the eval loss of the base before quantization, for eval/quantization_loss_delta.
     unquantized_eval_loss = None
-    if args.eval_steps and args.quant:
-        unquantized_eval_loss = unquantized_base_eval_loss(args, model, eval_dataloader, accelerator)
+    if args.eval_steps and args.quant and not args.model_name_or_path.startswith(ARCHITECTURE_PREFIX):
+        unquantized_eval_loss = evaluation.unquantized_loss(
+            [model], accelerator.device, lambda: mean_eval_loss(model, eval_dataloader, accelerator.device)
+        )
     # From here on the tracker's peak covers the run (the unquantized base's visit above is not part of it).
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
 
@@ -457,7 +427,9 @@ def main(args: argparse.Namespace) -> dict:
     if args.eval_steps:
         record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step)
         if global_step == 0 and args.quant:  # adapters start as the identity: this is the quantized base's loss
-            quantization_scalars = quantization_eval_scalars(eval_history[0][1], unquantized_eval_loss, quant_report)
+            quantization_scalars = evaluation.quantization_scalars(
+                eval_history[0][1], unquantized_eval_loss, {"llm": quant_report}
+            )
             accelerator.log(quantization_scalars, step=0)
     step_seconds, step_started = [], time.perf_counter()
     stopped_by = None
@@ -580,7 +552,7 @@ def main(args: argparse.Namespace) -> dict:
                 "step_seconds": step_seconds,
                 **results,
                 "eval_history": eval_history,
-                **{key.removeprefix("eval/"): value for key, value in quantization_scalars.items()},
+                **evaluation.summary_fields(quantization_scalars),
                 "quantization": quant_summary,
             },
         )

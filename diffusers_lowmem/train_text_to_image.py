@@ -478,41 +478,6 @@ def held_out_loss(args, eval_set, unet, text_encoders: dict, noise_scheduler, ac
             model.train(mode)
 
 
-def unquantized_base_loss(args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl):
-    """The held-out loss of the base before quantization, for `eval/quantization_loss_delta`.
-
-    The unquantized UNet and text encoders visit the device once, before the memory tracking starts, and go back
-    to the CPU unchanged. Returns None, with a warning, when they do not fit, or for an `architecture:` model
-    (random weights, nothing to compare).
-    """
-    if _architecture_name(args) is not None:
-        logger.info("No quantization loss delta for an architecture with random weights.")
-        return None
-    models = [unet, *text_encoders.values()]
-    try:
-        for model in models:
-            model.to(accelerator.device)
-        return held_out_loss(args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl)
-    except torch.OutOfMemoryError:
-        logger.warning("The unquantized base does not fit on the device: no eval/quantization_loss_delta this run.")
-        return None
-    finally:
-        move_off_device(*models)
-
-
-def quantization_eval_scalars(base_losses: dict, quant_reports: dict) -> dict:
-    """What quantization alone cost: the held-out loss of the quantized and unquantized base, their difference
-    (`eval/quantization_loss_delta`), and each model's mean relative weight error."""
-    scalars = {"eval/quantized_base_loss": base_losses["quantized_base"]}
-    if base_losses.get("unquantized_base") is not None:
-        scalars["eval/unquantized_base_loss"] = base_losses["unquantized_base"]
-        scalars["eval/quantization_loss_delta"] = base_losses["quantized_base"] - base_losses["unquantized_base"]
-    for role, report in quant_reports.items():
-        if report is not None and report.mean_relative_error is not None:
-            scalars[f"eval/quantization_weight_error/{role}"] = report.mean_relative_error
-    return scalars
-
-
 def record_held_out_loss(history: list, loss: float, step: int, accelerator) -> None:
     """Logs `eval/loss` at `step` and keeps `[step, loss]` for the training summary."""
     history.append([step, loss])
@@ -530,7 +495,7 @@ def held_out_summary(eval_set, history: list, quantization_scalars: dict) -> dic
         "before": history[0][1],
         "after": history[-1][1],
         "history": history,
-        **{key.removeprefix("eval/"): value for key, value in quantization_scalars.items()},
+        **evaluation.summary_fields(quantization_scalars),
     }
 
 
@@ -606,12 +571,24 @@ def main(args: argparse.Namespace) -> dict:
     place_vae(vae, args, weight_dtype, accelerator.device, sdxl)
 
     # --validation_loss_steps: the held-out set, and the held-out loss the base gives up to quantization.
-    eval_set, base_losses, quantization_scalars = None, {}, {}
+    eval_set, unquantized_base_loss, quantization_scalars = None, None, {}
     if held_out_dataset is not None:
         eval_set = build_eval_set(args, held_out_dataset, vae, noise_scheduler, weight_dtype)
-        if args.quant:
-            base_losses["unquantized_base"] = unquantized_base_loss(
-                args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl
+        if args.quant and _architecture_name(args) is None:  # random architecture weights: nothing to compare
+            unquantized_base_loss = evaluation.unquantized_loss(
+                [unet, *text_encoders.values()],
+                accelerator.device,
+                functools.partial(
+                    held_out_loss,
+                    args,
+                    eval_set,
+                    unet,
+                    text_encoders,
+                    noise_scheduler,
+                    accelerator,
+                    weight_dtype,
+                    sdxl,
+                ),
             )
     # From here on the tracker's peak covers the run (the unquantized base's visit above is not part of it).
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
@@ -625,10 +602,12 @@ def main(args: argparse.Namespace) -> dict:
     tracker.watch(models=[unet, *text_encoders.values(), vae])
     tracker.milestone("after_model_load")
     if eval_set is not None and args.quant:
-        base_losses["quantized_base"] = held_out_loss(
+        quantized_base_loss = held_out_loss(
             args, eval_set, unet, text_encoders, noise_scheduler, accelerator, weight_dtype, sdxl
         )
-        quantization_scalars = quantization_eval_scalars(base_losses, quant_reports)
+        quantization_scalars = evaluation.quantization_scalars(
+            quantized_base_loss, unquantized_base_loss, quant_reports
+        )
 
     networks = attach_adapters(args, unet, text_encoders, sdxl)
     enable_gradient_checkpointing(args, unet, text_encoders)

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_train_causal_lm import train_argv as causal_lm_argv
 from test_train_text_to_image import train_argv as text_to_image_argv
 
-from diffusers_lowmem import adapters, data, evaluation, train_causal_lm, train_text_to_image
+from diffusers_lowmem import adapters, data, evaluation, quantization, train_causal_lm, train_text_to_image
 
 
 @pytest.fixture(autouse=True)
@@ -273,3 +273,25 @@ def test_causal_lm_quantization_loss_delta_compares_against_the_unquantized_run(
     assert 0.05 < nf4["quantization_weight_error/llm"] < 0.2
     logged = scalars(tmp_path / "nf4", "eval/")
     assert logged["eval/quantization_loss_delta"] == [(0, pytest.approx(delta, rel=1e-5, abs=1e-7))]
+
+
+def test_unquantized_loss_visits_the_device_and_returns_the_models_unchanged():
+    model = torch.nn.Linear(4, 2)
+    weight = model.weight.detach().clone()
+    seen = []
+    loss = evaluation.unquantized_loss([model], "cpu", lambda: seen.append(model.weight.device.type) or 1.5)
+    assert loss == 1.5 and seen == ["cpu"]
+    assert model.weight.device.type == "cpu" and torch.equal(model.weight, weight)
+
+
+def test_quantization_scalars_name_the_delta_and_each_models_weight_error():
+    report = quantization.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4", compute_errors=True)
+    scalars = evaluation.quantization_scalars(1.25, 1.0, {"unet": report, "text_encoder": None})
+    assert scalars == {
+        "eval/quantized_base_loss": 1.25,
+        "eval/unquantized_base_loss": 1.0,
+        "eval/quantization_loss_delta": 0.25,
+        "eval/quantization_weight_error/unet": pytest.approx(report.layers[0].relative_error),
+    }
+    assert evaluation.quantization_scalars(1.25, None, {}) == {"eval/quantized_base_loss": 1.25}
+    assert evaluation.summary_fields(scalars)["quantization_loss_delta"] == 0.25
