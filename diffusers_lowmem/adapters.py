@@ -64,7 +64,9 @@ class AdapterConfig:
         conv_alpha: Alpha for convolutions. `None` means `conv_rank`.
         dropout: Dropout on the adapter path.
         lokr_factor: LoKr Kronecker factor; -1 picks the most balanced factorisation.
-        target_modules: Module-name patterns (see `quantization.matches_any`) that narrow the preset's targets.
+        target_modules: Module-name patterns (see `quantization.matches_any`) that narrow the preset's targets;
+            a pattern with a role prefix (`"unet:to_q"`, `"text_encoder:q_proj"`) applies to that model only, one
+            without to every model (see `target_patterns_for`).
     """
 
     algo: str = "lora"
@@ -81,6 +83,8 @@ class AdapterConfig:
             raise ValueError(f"Unknown adapter {self.algo!r}; choose one of {', '.join(ADAPTER_ALGOS)}.")
         if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 1):
             raise ValueError(f"Adapter ranks must be >= 1, got rank={self.rank}, conv_rank={self.conv_rank}.")
+        for pattern in self.target_modules or ():
+            split_target_pattern(pattern)
 
     @property
     def linear_alpha(self) -> float:
@@ -176,26 +180,82 @@ def _descendants_of(model: nn.Module, class_names: Iterable[str]) -> set[str]:
     return names
 
 
+ROLE_PATTERN_SEPARATOR = ":"
+# A typical layer name per role, for examples in error messages.
+_EXAMPLE_LEAF = {"unet": "to_q", "text_encoder": "q_proj", "text_encoder_2": "q_proj", "llm": "q_proj"}
+
+
+def split_target_pattern(pattern: str) -> tuple[str | None, str]:
+    """Splits a `--target_modules` pattern into its role prefix and the module-name pattern.
+
+    Module names never hold a colon, so `ROLE:PATTERN` is unambiguous: `"unet:to_q"` -> `("unet", "to_q")`,
+    `"to_q"` -> `(None, "to_q")` (applies to every model).
+
+    Args:
+        pattern: One pattern as given on the command line.
+
+    Returns:
+        `(role or None, module-name pattern)`.
+
+    Raises:
+        ValueError: If the prefix is not one of `ROLES` or nothing follows it.
+    """
+    role, separator, module_pattern = pattern.partition(ROLE_PATTERN_SEPARATOR)
+    if not separator:
+        return None, pattern
+    if role not in ROLES:
+        raise ValueError(
+            f"{pattern!r} has the unknown role prefix {role!r}: use one of {', '.join(ROLES)} (e.g. unet:to_q,"
+            f" text_encoder:q_proj), or no prefix to match in every model."
+        )
+    if not module_pattern:
+        raise ValueError(
+            f"{pattern!r} has the role prefix {role!r} but no module-name pattern after it (e.g. {role}:"
+            f"{_EXAMPLE_LEAF[role]})."
+        )
+    return role, module_pattern
+
+
+def target_patterns_for(patterns: Iterable[str] | None, role: str) -> tuple[str, ...] | None:
+    """The module-name patterns that apply to the model in `role`: those without a role prefix and those with its.
+
+    Args:
+        patterns: `AdapterConfig.target_modules` (patterns, some maybe `ROLE:PATTERN`), or None.
+        role: One of `ROLES`.
+
+    Returns:
+        The patterns without their prefixes, or None when none applies (the model keeps its preset's targets).
+    """
+    applying = []
+    for pattern in patterns or ():
+        pattern_role, module_pattern = split_target_pattern(pattern)
+        if pattern_role in (None, role):
+            applying.append(module_pattern)
+    return tuple(applying) or None
+
+
 def find_target_modules(model: nn.Module, role: str, config: AdapterConfig) -> dict[str, nn.Module]:
     """The layers of `model` that get adapters, by module name, in model order.
 
     Args:
         model: The model (UNet, text encoder or causal LM).
-        role: One of `ROLES`; selects the `TargetPreset`.
+        role: One of `ROLES`; selects the `TargetPreset` and the `ROLE:` patterns of `config.target_modules`.
         config: The adapter config; `lora` adapts linear layers only, the others convolutions too, and
-            `target_modules` narrows the selection.
+            `target_modules` narrows the selection (patterns without a role prefix in every model, `ROLE:PATTERN`
+            only in the model of that role; a model no pattern applies to keeps its preset's targets).
 
     Returns:
         `{module name: module}`.
 
     Raises:
-        ValueError: If nothing matches (for instance a `target_modules` pattern that names no layer).
+        ValueError: If nothing matches (for instance a `target_modules` pattern that names no layer of this model),
+            naming the model, its role prefix and the layer names it has.
     """
     preset = PRESETS[role]
     output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear_names = _descendants_of(model, preset.linear_parents) if preset.linear_parents else None
     conv_names = _descendants_of(model, preset.conv_parents) if config.adapts_convolutions else set()
-    targets = {}
+    candidates = {}
     for name, module in model.named_modules():
         if not (_is_linear(module) or _is_conv(module)) or module is output_embedding:
             continue
@@ -204,16 +264,28 @@ def find_target_modules(model: nn.Module, role: str, config: AdapterConfig) -> d
         linear_like = _is_linear(module) or _is_pointwise_conv(module)
         in_linear_scope = linear_names is None or name in linear_names
         if (linear_like and in_linear_scope) or name in conv_names:
-            targets[name] = module
-    if config.target_modules:
-        targets = {name: module for name, module in targets.items() if matches_any(name, config.target_modules)}
+            candidates[name] = module
+    patterns = target_patterns_for(config.target_modules, role)
+    targets = candidates
+    if patterns:
+        targets = {name: module for name, module in candidates.items() if matches_any(name, patterns)}
     if not targets:
-        raise ValueError(
-            f"No layer of the {role} ({type(model).__name__}) matches the adapter targets"
-            + (f" {list(config.target_modules)}" if config.target_modules else "")
-            + ". Check --target_modules against the model's module names."
-        )
+        raise ValueError(_no_target_message(model, role, config, candidates))
     return targets
+
+
+def _no_target_message(model: nn.Module, role: str, config: AdapterConfig, candidates: Mapping) -> str:
+    model_name = f"the {role} ({type(model).__name__})"
+    if not config.target_modules:
+        return f"No layer of {model_name} can get a {config.algo} adapter: the model has no adaptable layers."
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+    shown = ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
+    example = f"{role}{ROLE_PATTERN_SEPARATOR}{leaves[0] if leaves else _EXAMPLE_LEAF[role]}"
+    return (
+        f"No layer of {model_name} matches --target_modules {' '.join(config.target_modules)}. Patterns without a"
+        f" role prefix apply to every model; give this model its own with the prefix"
+        f" '{role}{ROLE_PATTERN_SEPARATOR}' (e.g. {example}). Its adaptable layers end in: {shown}."
+    )
 
 
 def role_prefix(model: nn.Module, role: str, sdxl: bool = False) -> str:
@@ -460,15 +532,202 @@ def _candidate_prefixes(model: nn.Module, role: str) -> list[str]:
     return list(dict.fromkeys(prefixes))
 
 
-def networks_from_weights(target, weights: Mapping[str, torch.Tensor]) -> dict[str, nn.Module]:
-    """Builds LyCORIS modules for every layer of `target` that `weights` has keys for (any of the four algorithms,
-    ranks and factors read from the tensors) and loads the weights into them. Not yet applied.
+def _layer_shape(layer: nn.Module) -> tuple[int, ...]:
+    """`(out, in, *kernel)` of a linear or convolution layer, from its attributes (a packed 4-bit weight, or one on
+    the meta device, need not have it); `in` per group, as the weight holds it."""
+    if _is_linear(layer):
+        return layer.out_features, layer.in_features
+    return layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size
+
+
+def _stored(weights: Mapping[str, torch.Tensor], key_name: str, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    return {name: weights[f"{key_name}.{name}"] for name in names if f"{key_name}.{name}" in weights}
+
+
+def _lokr_factor_shapes(tensors: Mapping[str, torch.Tensor], kernel: tuple[int, ...]):
+    """The Kronecker factors' shapes `((a, c), (b, d))` and the rank a LoKr module's stored tensors hold.
+
+    `w1` is `(a, c)` or `w1_a (a, r) @ w1_b (r, c)`; `w2` is `(b, d, *kernel)`, `w2_a (b, r) @ w2_b (r, d * prod(kernel))`
+    or, with Tucker, `t2 (r, r, *kernel)` contracted with `w2_a (r, b)` and `w2_b (r, d)`. The rank is None when
+    both factors are full matrices (LyCORIS and ComfyUI then scale by 1).
+    """
+    kernel_size = int(torch.tensor(kernel).prod()) if kernel else 1
+    rank = None
+    if "lokr_w1" in tensors:
+        w1_shape = tuple(tensors["lokr_w1"].shape)
+    else:
+        w1_shape = (tensors["lokr_w1_a"].shape[0], tensors["lokr_w1_b"].shape[1])
+        rank = tensors["lokr_w1_b"].shape[0]
+    if "lokr_w2" in tensors:
+        w2_shape = tuple(tensors["lokr_w2"].shape[:2])
+    elif "lokr_t2" in tensors:
+        w2_shape = (tensors["lokr_w2_a"].shape[1], tensors["lokr_w2_b"].shape[1])
+        rank = tensors["lokr_w2_b"].shape[0]
+    else:
+        w2_shape = (tensors["lokr_w2_a"].shape[0], tensors["lokr_w2_b"].shape[1] // kernel_size)
+        rank = tensors["lokr_w2_b"].shape[0]
+    return (w1_shape, w2_shape), rank
+
+
+def _lokr_from_weights(key_name: str, layer: nn.Module, weights: Mapping[str, torch.Tensor], full_rank: int):
+    """A `LokrModule` holding exactly the stored Kronecker factors, whatever factorisation produced them.
+
+    LyCORIS' `make_module_from_state_dict` guesses the factor again from the stored shapes and gets it wrong for
+    some layers (a 640 -> 1920 3x3 convolution with a low-rank `w2` is rebuilt as (16, 40) where the file holds
+    (20, 32)); other trainers may factor the two dimensions by other rules. Here LyCORIS builds the module with the
+    file's structure (which halves are full, Tucker, DoRA) and then takes the stored tensors as its factors: the
+    module's update and bypass forward follow the factors' shapes, not the factor it was built with.
+    """
+    from lycoris.modules import LokrModule
+
+    factor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    tensors = _stored(weights, key_name, factor_names)
+    shape = _layer_shape(layer)
+    out_dim, in_dim, kernel = shape[0], shape[1], shape[2:]
+    try:
+        ((a, c), (b, d)), rank = _lokr_factor_shapes(tensors, kernel)
+    except KeyError as missing:
+        raise ValueError(
+            f"The LoKr adapter {key_name} lacks the tensor {missing} (it holds {sorted(tensors)})."
+        ) from None
+    full_w2 = tensors.get("lokr_w2")
+    if a * b != out_dim or c * d != in_dim or (full_w2 is not None and tuple(full_w2.shape[2:]) != kernel):
+        stored = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+        raise ValueError(
+            f"The LoKr adapter {key_name} does not fit its layer: the stored factors {stored} give ({a}x{b}, {c}x{d})"
+            f" = ({a * b}, {c * d}) where the layer is {shape}. Was it trained on a different model?"
+        )
+    alpha_tensor = weights.get(f"{key_name}.alpha")
+    rank = full_rank if rank is None else rank
+    alpha = float(rank if alpha_tensor is None else alpha_tensor)  # kohya: no alpha means alpha = rank
+    module = LokrModule(
+        key_name,
+        layer,
+        multiplier=1.0,
+        lora_dim=rank,
+        alpha=alpha,
+        use_tucker="lokr_t2" in tensors,
+        decompose_both="lokr_w1_a" in tensors,
+        full_matrix="lokr_w1" in tensors and "lokr_w2" in tensors,
+        weight_decompose=f"{key_name}.dora_scale" in weights,
+        factor=-1,  # any: the factors' shapes come from the file just below
+    )
+    for name in factor_names:
+        if name in module._parameters:
+            delattr(module, name)
+    for name, tensor in tensors.items():
+        module.register_parameter(name, nn.Parameter(tensor.detach().to(torch.float32).clone()))
+    module.use_w1, module.use_w2 = "lokr_w1" in tensors, "lokr_w2" in tensors
+    module.tucker = "lokr_t2" in tensors
+    # LyCORIS' own rule (and ComfyUI's): alpha / rank, but 1 when both factors are full matrices.
+    module.scale = 1.0 if module.use_w1 and module.use_w2 else alpha / rank
+    module.alpha = torch.tensor(alpha) if alpha_tensor is None else alpha_tensor.detach().to(torch.float32).clone()
+    if module.wd:
+        module.dora_scale = nn.Parameter(weights[f"{key_name}.dora_scale"].detach().to(torch.float32).clone())
+    return module
+
+
+def _with_alpha(weights: Mapping[str, torch.Tensor], key_name: str, rank: int) -> Mapping[str, torch.Tensor]:
+    """kohya's convention for files without `alpha` (some trainers leave it out): alpha = rank, a scale of 1."""
+    if f"{key_name}.alpha" in weights:
+        return weights
+    return {**_stored(weights, key_name, _MODULE_TENSOR_NAMES), f"{key_name}.alpha": torch.tensor(float(rank))}
+
+
+# Every tensor name LyCORIS' LoCon/LoHa modules store, for copying one module's tensors.
+_MODULE_TENSOR_NAMES = (
+    "lora_up.weight",
+    "lora_down.weight",
+    "lora_mid.weight",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    "dora_scale",
+)
+
+
+def module_from_weights(
+    key_name: str, layer: nn.Module, weights: Mapping[str, torch.Tensor], config: AdapterConfig | None = None
+):
+    """Rebuilds the LyCORIS module stored under `key_name` for `layer`, with the file's shapes, ranks and alpha.
+
+    Ranks come from the tensors' shapes (LoRA/LoCon: `lora_down`; LoHa: `hada_w1_b`; LoKr: its low-rank halves
+    and, for LoKr, the Kronecker factors from its factors' shapes, see `_lokr_from_weights`). A missing `alpha`
+    means alpha = rank (a scale of 1), as kohya reads it. Only what the tensors cannot say comes from `config`
+    (the file's metadata): the rank of a LoKr module whose two factors are full matrices, which does not change
+    its update (its scale is 1) but is reported by `lora_dim` and the peft export.
+
+    Args:
+        key_name: The module's key prefix in the file (`lora_unet_..._to_q`).
+        layer: The `nn.Linear` / `nn.Conv*d` (or bitsandbytes) layer it adapts.
+        weights: The file's tensors.
+        config: The config stored in the file's metadata, or None (files from other trainers).
+
+    Returns:
+        The LyCORIS module, in bypass mode, not yet applied.
 
     Raises:
-        ValueError: If keys in `weights` match no layer of `target`.
+        ValueError: If LyCORIS knows no module for the stored tensors, or they do not fit the layer.
     """
-    from lycoris.modules import get_module, make_module
+    from lycoris.modules import LoConModule, LohaModule, LokrModule, get_module, make_module
 
+    module_class, _ = get_module(weights, key_name)
+    if module_class is None:
+        stored = sorted(key.split(".", 1)[1] for key in weights if key.startswith(key_name + "."))
+        raise ValueError(f"LyCORIS knows no adapter made of the tensors {stored} of {key_name}.")
+    spatial = _is_conv(layer) and not _is_pointwise_conv(layer)
+    if module_class is LokrModule:
+        full_rank = (config.conv_dim if spatial else config.rank) if config else 1
+        module = _lokr_from_weights(key_name, layer, weights, full_rank)
+    else:
+        if module_class is LoConModule:
+            weights = _with_alpha(weights, key_name, weights[f"{key_name}.lora_down.weight"].shape[0])
+        elif module_class is LohaModule:
+            weights = _with_alpha(weights, key_name, weights[f"{key_name}.hada_w1_b"].shape[0])
+        _, params = get_module(weights, key_name)
+        try:
+            module = make_module(module_class, params, key_name, layer)
+        except RuntimeError as error:  # a tensor of another shape than the layer needs
+            raise ValueError(
+                f"The {module_class.__name__} adapter {key_name} does not fit its layer {_layer_shape(layer)}: {error}"
+            ) from error
+        if module is None:
+            raise ValueError(
+                f"LyCORIS cannot rebuild the adapter {key_name} ({module_class.__name__}) from its weights."
+            )
+    module.bypass_mode = True  # as trained: outputs reproduce bit for bit
+    return module
+
+
+def _adapter_device(model: nn.Module) -> torch.device:
+    """Where a model's adapters live: with its parameters; on the CPU for a model built on the meta device."""
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
+
+
+def networks_from_weights(
+    target, weights: Mapping[str, torch.Tensor], config: AdapterConfig | None = None
+) -> dict[str, nn.Module]:
+    """Builds LyCORIS modules for every layer of `target` that `weights` has keys for (any of the four algorithms,
+    ranks and Kronecker factors read from the tensors, see `module_from_weights`) and loads the weights into them.
+    Not yet applied.
+
+    Args:
+        target: A pipeline or a model (see `load_adapter`).
+        weights: The file's tensors, under kohya/LyCORIS keys.
+        config: The config in the file's metadata (`AdapterConfig.from_metadata`), None for other trainers' files.
+
+    Returns:
+        `{role: network}` for the roles that have adapters in `weights`.
+
+    Raises:
+        ValueError: If keys in `weights` match no layer of `target`, or a module's tensors do not fit its layer.
+    """
     stored_names = {key.split(".", 1)[0] for key in weights}
     matched, networks = set(), {}
     for role, model in _models_by_role(target).items():
@@ -480,16 +739,10 @@ def networks_from_weights(target, weights: Mapping[str, torch.Tensor]) -> dict[s
                 key_name = lora_name(prefix, name)
                 if key_name not in stored_names or key_name in matched or not (_is_linear(module) or _is_conv(module)):
                     continue
-                module_class, params = get_module(weights, key_name)
-                lycoris_module = make_module(module_class, params, key_name, module)
-                if lycoris_module is None:
-                    raise ValueError(f"LyCORIS cannot rebuild the adapter {key_name} from its weights.")
-                lycoris_module.bypass_mode = True  # as trained: outputs reproduce bit for bit
+                lycoris_modules.append(module_from_weights(key_name, module, weights, config))
                 matched.add(key_name)
-                lycoris_modules.append(lycoris_module)
         if lycoris_modules:
-            device = next(iter(p for p in model.parameters())).device
-            networks[role] = _new_network(model, lycoris_modules).to(device)
+            networks[role] = _new_network(model, lycoris_modules).to(_adapter_device(model))
     unmatched = stored_names - matched
     if unmatched:
         raise ValueError(
@@ -517,8 +770,8 @@ def load_adapter(target, path: str | os.PathLike, merge: bool = False, multiplie
     Returns:
         `{role: network}`; after a merge the networks are detached and only describe what was merged.
     """
-    weights, _ = read_adapter(path)
-    networks = networks_from_weights(target, weights)
+    weights, metadata = read_adapter(path)
+    networks = networks_from_weights(target, weights, AdapterConfig.from_metadata(metadata))
     models = _models_by_role(target)
     for role, network in networks.items():
         network.set_multiplier(multiplier)
