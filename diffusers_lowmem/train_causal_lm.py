@@ -363,23 +363,21 @@ def main(args: argparse.Namespace) -> dict:
         args.weight_decay,
         device=accelerator.device,  # betas and eps: the optimizer's defaults, as upstream's AdamW
     )
-    updates_per_epoch = training.num_update_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps
-    if max_train_steps is None:
-        max_train_steps = args.num_train_epochs * updates_per_epoch
-    lr_scheduler = training.create_lr_scheduler(
-        args.lr_scheduler_type, optimizer, args.num_warmup_steps, max_train_steps, accelerator.num_processes
+    # Steps, epochs, the LR schedule and the resume position: from the loader as each process will iterate it.
+    schedule = training.TrainingSchedule.for_dataloader(
+        train_dataloader,
+        accelerator,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.num_train_epochs,
+        max_train_steps=args.max_train_steps,
+        num_warmup_steps=args.num_warmup_steps,
     )
+    lr_scheduler = schedule.create_lr_scheduler(args.lr_scheduler_type, optimizer)
 
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    # The prepared loader is sharded across processes: recompute the schedule from its length, as upstream does.
-    num_batches = len(train_dataloader)
-    updates_per_epoch = training.num_update_steps_per_epoch(num_batches, args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        max_train_steps = args.num_train_epochs * updates_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    schedule.check_prepared(train_dataloader)
     training.register_adapter_checkpoint_hooks(
         accelerator,
         save_adapter_to=lambda directory: save_adapter_weights(args, network, directory),
@@ -396,19 +394,14 @@ def main(args: argparse.Namespace) -> dict:
     if resume_path is not None:
         state = training.load_checkpoint(accelerator, resume_path)
         global_step = state["global_step"]
-        first_epoch, updates_into_epoch = divmod(global_step, updates_per_epoch)
-        resume_batch = updates_into_epoch * args.gradient_accumulation_steps
+        first_epoch, resume_batch = schedule.resume_position(global_step)
         logger.info(f"Resumed from {resume_path} at step {global_step} (epoch {first_epoch}).")
 
-    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     training.log_run_summary(
         logger,
         num_examples=len(lm_datasets["train"]),
-        num_epochs=num_train_epochs,
         batch_size=args.per_device_train_batch_size,
-        total_batch_size=total_batch_size,
-        accumulation=args.gradient_accumulation_steps,
-        max_steps=max_train_steps,
+        schedule=schedule,
         block_size=block_size,
         adapter=args.adapter,
         quantization=args.quant or "none",
@@ -417,7 +410,10 @@ def main(args: argparse.Namespace) -> dict:
 
     checkpointing = checkpoint_every(args)
     progress_bar = tqdm(
-        range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+        range(schedule.max_train_steps),
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
     )
     first_step_of_run = global_step + 1
     loss = torch.tensor(float("nan"))
@@ -434,8 +430,8 @@ def main(args: argparse.Namespace) -> dict:
     step_seconds, step_started = [], time.perf_counter()
     stopped_by = None
     with training.StopSignals() as stop_signals, training.out_of_memory_guard(tracker, args.output_dir, False):
-        for epoch in range(first_epoch, num_train_epochs):
-            if global_step >= max_train_steps or stopped_by:  # e.g. resumed from the last checkpoint
+        for epoch in range(first_epoch, schedule.num_train_epochs):
+            if global_step >= schedule.max_train_steps or stopped_by:  # e.g. resumed from the last checkpoint
                 break
             model.train()
             train_dataloader.set_epoch(epoch)
@@ -445,7 +441,7 @@ def main(args: argparse.Namespace) -> dict:
             total_loss = torch.zeros((), device=accelerator.device)
             for batch_index, batch in enumerate(batches, start=resume_batch if epoch == first_epoch else 0):
                 # Dropout of this micro-batch depends on (seed, epoch, batch) only, so a resumed run draws the same.
-                training.seed_step(seed, epoch * num_batches + batch_index)
+                training.seed_step(seed, epoch * schedule.batches_per_epoch + batch_index)
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     if not training.loss_is_finite(loss, accelerator):
@@ -487,7 +483,7 @@ def main(args: argparse.Namespace) -> dict:
                     )
                 if stop_signals.requested(accelerator):
                     stopped_by = stop_signals.received or "a stop signal on another process"
-                if global_step >= max_train_steps or stopped_by:
+                if global_step >= schedule.max_train_steps or stopped_by:
                     break
             if stopped_by:
                 break
@@ -498,7 +494,7 @@ def main(args: argparse.Namespace) -> dict:
                 {
                     "perplexity": perplexity,
                     "eval_loss": eval_loss,
-                    "train_loss": total_loss.item() / num_batches,
+                    "train_loss": total_loss.item() / schedule.batches_per_epoch,
                     "epoch": epoch,
                     "step": global_step,
                 },

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import sys
 import time
@@ -646,13 +645,16 @@ def main(args: argparse.Namespace) -> dict:
         eps=args.adam_epsilon,
         device=accelerator.device,
     )
-    num_batches = len(train_dataloader)
-    updates_per_epoch = training.num_update_steps_per_epoch(num_batches, args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    lr_scheduler = training.create_lr_scheduler(
-        args.lr_scheduler, optimizer, args.lr_warmup_steps, max_train_steps, accelerator.num_processes
+    # Steps, epochs, the LR schedule and the resume position: from the loader as each process will iterate it.
+    schedule = training.TrainingSchedule.for_dataloader(
+        train_dataloader,
+        accelerator,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.num_train_epochs,
+        max_train_steps=args.max_train_steps,
+        num_warmup_steps=args.lr_warmup_steps,
     )
+    lr_scheduler = schedule.create_lr_scheduler(args.lr_scheduler, optimizer)
 
     prepared = accelerator.prepare(
         unet, *(text_encoders[role] for role in trained_roles), optimizer, train_dataloader, lr_scheduler
@@ -660,10 +662,7 @@ def main(args: argparse.Namespace) -> dict:
     unet = prepared[0]
     text_encoders.update(zip(trained_roles, prepared[1 : 1 + len(trained_roles)]))
     optimizer, train_dataloader, lr_scheduler = prepared[-3:]
-    # The prepared loader is sharded across processes: recompute the schedule from its length, as upstream does.
-    num_batches = len(train_dataloader)
-    updates_per_epoch = training.num_update_steps_per_epoch(num_batches, args.gradient_accumulation_steps)
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    schedule.check_prepared(train_dataloader)
     training.register_adapter_checkpoint_hooks(
         accelerator,
         save_adapter_to=lambda directory: save_adapter_weights(args, networks, directory),
@@ -681,18 +680,14 @@ def main(args: argparse.Namespace) -> dict:
     if resume_path is not None:
         state = training.load_checkpoint(accelerator, resume_path)
         global_step = state["global_step"]
-        first_epoch, updates_into_epoch = divmod(global_step, updates_per_epoch)
-        resume_batch = updates_into_epoch * args.gradient_accumulation_steps
+        first_epoch, resume_batch = schedule.resume_position(global_step)
         logger.info(f"Resumed from {resume_path} at step {global_step} (epoch {first_epoch}).")
 
     training.log_run_summary(
         logger,
         num_examples=len(train_dataset),
-        num_epochs=num_train_epochs,
         batch_size=args.train_batch_size,
-        total_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-        accumulation=args.gradient_accumulation_steps,
-        max_steps=max_train_steps,
+        schedule=schedule,
         adapter=args.adapter,
         quantization=args.quant or "none",
         trainable_parameters=f"{sum(p.numel() for group in param_groups for p in group['params']):,}",
@@ -708,7 +703,10 @@ def main(args: argparse.Namespace) -> dict:
         record_held_out_loss(held_out_losses, evaluate_held_out(), global_step, accelerator)
 
     progress_bar = tqdm(
-        range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+        range(schedule.max_train_steps),
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
     )
     trained_modules = [unet, *(text_encoders[role] for role in trained_roles)]
     params_to_clip = [p for group in param_groups for p in group["params"]]
@@ -717,8 +715,8 @@ def main(args: argparse.Namespace) -> dict:
     step_seconds, step_started = [], time.perf_counter()
     stopped_by = None
     with training.StopSignals() as stop_signals, training.out_of_memory_guard(tracker, args.output_dir, True):
-        for epoch in range(first_epoch, num_train_epochs):
-            if global_step >= max_train_steps or stopped_by:  # e.g. resumed from the last checkpoint
+        for epoch in range(first_epoch, schedule.num_train_epochs):
+            if global_step >= schedule.max_train_steps or stopped_by:  # e.g. resumed from the last checkpoint
                 break
             for module in trained_modules:
                 module.train()
@@ -731,7 +729,7 @@ def main(args: argparse.Namespace) -> dict:
             train_loss = 0.0
             for batch_index, batch in enumerate(batches, start=resume_batch if epoch == first_epoch else 0):
                 # Noise, timesteps and dropout of this micro-batch depend on (seed, epoch, batch) only.
-                training.seed_step(seed, epoch * num_batches + batch_index)
+                training.seed_step(seed, epoch * schedule.batches_per_epoch + batch_index)
                 with accelerator.accumulate(*trained_modules):
                     loss = compute_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
                     if not training.loss_is_finite(loss, accelerator):
@@ -775,7 +773,7 @@ def main(args: argparse.Namespace) -> dict:
                     )
                 if stop_signals.requested(accelerator):
                     stopped_by = stop_signals.received or "a stop signal on another process"
-                if global_step >= max_train_steps or stopped_by:
+                if global_step >= schedule.max_train_steps or stopped_by:
                     break
 
             validation_due = args.validation_prompt and (epoch + 1) % args.validation_epochs == 0 and not stopped_by

@@ -20,6 +20,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,191 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
 def num_update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
     """Optimizer updates in one epoch of `num_batches` batches (a trailing partial accumulation counts as one)."""
     return math.ceil(num_batches / gradient_accumulation_steps)
+
+
+def batches_per_process(
+    num_batches: int,
+    num_processes: int,
+    split_batches: bool = False,
+    drop_last: bool = False,
+    even_batches: bool = True,
+) -> int:
+    """The batches of one epoch that each process iterates once accelerate has sharded a loader of `num_batches`.
+
+    accelerate's `BatchSamplerShard` deals whole batches out to the processes in turn; with `even_batches` (its
+    default) the last round is completed by batches from the start, so every process sees
+    `ceil(num_batches / num_processes)`; `drop_last` drops the incomplete round instead; `split_batches` splits each
+    batch across the processes and keeps their number.
+
+    Args:
+        num_batches: `len(dataloader)` before `accelerator.prepare`.
+        num_processes: `accelerator.num_processes`.
+        split_batches: `accelerator.split_batches`.
+        drop_last: The loader's `drop_last`.
+        even_batches: `accelerator.even_batches`.
+
+    Raises:
+        ValueError: Without `even_batches`, when the processes would see different numbers of batches (their
+            optimizer steps would no longer match).
+    """
+    if split_batches or num_processes == 1:
+        return num_batches
+    if num_batches % num_processes == 0 or drop_last:
+        return num_batches // num_processes
+    if not even_batches:
+        raise ValueError(
+            f"{num_batches} batches do not divide among {num_processes} processes and even_batches is off: the"
+            " processes would take different numbers of optimizer steps. Keep accelerate's even_batches=True."
+        )
+    return math.ceil(num_batches / num_processes)
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """Every count that follows from the training data loader, computed once for the loader as each process will
+    iterate it after `accelerator.prepare` (sharded across the processes).
+
+    The steps per epoch, the number of optimizer steps and epochs, the learning-rate schedule's length and warm-up,
+    the position to resume at and the run summary all come from here, so that they agree with each other and with
+    what the loop does under any number of processes and gradient accumulation.
+
+    Attributes:
+        num_processes: Data-parallel processes.
+        batches_per_epoch: Batches each process iterates per epoch.
+        gradient_accumulation_steps: Batches per optimizer step.
+        updates_per_epoch: Optimizer steps per epoch (a trailing partial accumulation is one: accelerate syncs
+            gradients at the end of the loader).
+        max_train_steps: Optimizer steps of the whole run.
+        num_train_epochs: Epochs the loop starts (the last one may stop early at `max_train_steps`).
+        num_warmup_steps: Learning-rate warm-up, in optimizer steps.
+        scheduler_steps_per_update: How often accelerate's prepared scheduler steps per optimizer step:
+            `num_processes` (it assumes the loader's batch grew with the processes), 1 with `split_batches`.
+    """
+
+    num_processes: int
+    batches_per_epoch: int
+    gradient_accumulation_steps: int
+    updates_per_epoch: int
+    max_train_steps: int
+    num_train_epochs: int
+    num_warmup_steps: int
+    scheduler_steps_per_update: int
+
+    @classmethod
+    def compute(
+        cls,
+        num_batches: int,
+        num_processes: int = 1,
+        gradient_accumulation_steps: int = 1,
+        num_train_epochs: int | None = None,
+        max_train_steps: int | None = None,
+        num_warmup_steps: int = 0,
+        split_batches: bool = False,
+        drop_last: bool = False,
+        even_batches: bool = True,
+    ) -> TrainingSchedule:
+        """The schedule of a loader of `num_batches` batches (before sharding) trained by `num_processes`.
+
+        Args:
+            num_batches: `len(dataloader)` before `accelerator.prepare`.
+            num_processes: `accelerator.num_processes`.
+            gradient_accumulation_steps: `--gradient_accumulation_steps`.
+            num_train_epochs: `--num_train_epochs`; ignored when `max_train_steps` is given.
+            max_train_steps: `--max_train_steps`, or None to train `num_train_epochs` whole epochs.
+            num_warmup_steps: `--lr_warmup_steps` / `--num_warmup_steps`, in optimizer steps.
+            split_batches: `accelerator.split_batches` (see `batches_per_process`).
+            drop_last: The loader's `drop_last`.
+            even_batches: `accelerator.even_batches`.
+
+        Raises:
+            ValueError: If the loader yields no batch, or neither `num_train_epochs` nor `max_train_steps` is given.
+        """
+        if num_batches < 1:
+            raise ValueError(
+                "The training data yields no batch: add data, or lower --train_batch_size / "
+                "--per_device_train_batch_size."
+            )
+        if max_train_steps is None and num_train_epochs is None:
+            raise ValueError("Pass --num_train_epochs or --max_train_steps.")
+        batches_per_epoch = batches_per_process(num_batches, num_processes, split_batches, drop_last, even_batches)
+        updates_per_epoch = num_update_steps_per_epoch(batches_per_epoch, gradient_accumulation_steps)
+        if max_train_steps is None:
+            max_train_steps = num_train_epochs * updates_per_epoch
+        return cls(
+            num_processes=num_processes,
+            batches_per_epoch=batches_per_epoch,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            updates_per_epoch=updates_per_epoch,
+            max_train_steps=max_train_steps,
+            num_train_epochs=math.ceil(max_train_steps / updates_per_epoch),
+            num_warmup_steps=num_warmup_steps,
+            scheduler_steps_per_update=1 if split_batches else num_processes,
+        )
+
+    @classmethod
+    def for_dataloader(cls, dataloader, accelerator, **counts) -> TrainingSchedule:
+        """`compute` for `dataloader` (not yet prepared) as `accelerator` will shard it.
+
+        Args:
+            dataloader: The training `DataLoader`, before `accelerator.prepare`.
+            accelerator: The run's `Accelerator`.
+            **counts: `gradient_accumulation_steps`, `num_train_epochs`, `max_train_steps`, `num_warmup_steps`.
+        """
+        return cls.compute(
+            len(dataloader),
+            num_processes=accelerator.num_processes,
+            split_batches=accelerator.split_batches,
+            drop_last=bool(getattr(dataloader, "drop_last", False)),
+            even_batches=accelerator.even_batches,
+            **counts,
+        )
+
+    def check_prepared(self, prepared_dataloader) -> None:
+        """Checks that the prepared loader yields the batches per epoch this schedule was computed for.
+
+        Raises:
+            RuntimeError: If accelerate sharded the loader otherwise (every count would be wrong).
+        """
+        if len(prepared_dataloader) != self.batches_per_epoch:
+            raise RuntimeError(
+                f"The prepared training loader yields {len(prepared_dataloader)} batches per process and epoch; the"
+                f" schedule was computed for {self.batches_per_epoch} ({self})."
+            )
+
+    @property
+    def total_scheduler_steps(self) -> int:
+        """The learning-rate schedule's length in scheduler steps: it ends exactly at the last optimizer step."""
+        return self.max_train_steps * self.scheduler_steps_per_update
+
+    @property
+    def warmup_scheduler_steps(self) -> int:
+        """The warm-up in scheduler steps."""
+        return self.num_warmup_steps * self.scheduler_steps_per_update
+
+    def create_lr_scheduler(self, name: str, optimizer):
+        """diffusers' `get_scheduler(name)` over this schedule, to be passed to `accelerator.prepare` (whose
+        scheduler then steps `scheduler_steps_per_update` times per optimizer step)."""
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(
+            str(name),
+            optimizer=optimizer,
+            num_warmup_steps=self.warmup_scheduler_steps,
+            num_training_steps=self.total_scheduler_steps,
+        )
+
+    def resume_position(self, global_step: int) -> tuple[int, int]:
+        """Where a run resumed after `global_step` optimizer steps continues.
+
+        Returns:
+            `(epoch, batches_to_skip)`: the epoch to start at and the batches of it already trained.
+        """
+        epoch, updates_into_epoch = divmod(global_step, self.updates_per_epoch)
+        return epoch, updates_into_epoch * self.gradient_accumulation_steps
+
+    def total_batch_size(self, per_device_batch_size: int) -> int:
+        """Samples per optimizer step over all processes and accumulated batches."""
+        return per_device_batch_size * self.num_processes * self.gradient_accumulation_steps
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, global_step: int) -> Path:
@@ -297,15 +483,27 @@ def register_adapter_checkpoint_hooks(accelerator, save_adapter_to, load_adapter
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def log_run_summary(logger, num_examples, num_epochs, batch_size, total_batch_size, accumulation, max_steps, **extra):
-    """The upstream '***** Running training *****' block, plus our adapter/quantization lines."""
+def log_run_summary(logger, num_examples: int, batch_size: int, schedule: TrainingSchedule, **extra) -> None:
+    """The upstream '***** Running training *****' block, from the run's `TrainingSchedule`, plus our lines.
+
+    Args:
+        logger: The recipe's logger.
+        num_examples: Training examples (images, token blocks) over all processes.
+        batch_size: The batch size per device.
+        schedule: The run's schedule.
+        **extra: Further `key = value` lines (adapter, quantization, ...).
+    """
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {num_examples}")
-    logger.info(f"  Num Epochs = {num_epochs}")
+    logger.info(f"  Num Epochs = {schedule.num_train_epochs}")
     logger.info(f"  Instantaneous batch size per device = {batch_size}")
-    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
-    logger.info(f"  Gradient Accumulation steps = {accumulation}")
-    logger.info(f"  Total optimization steps = {max_steps}")
+    logger.info(
+        f"  Total train batch size (w. parallel, distributed & accumulation) = {schedule.total_batch_size(batch_size)}"
+    )
+    logger.info(f"  Gradient Accumulation steps = {schedule.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {schedule.max_train_steps}")
+    logger.info(f"  Batches per process and epoch = {schedule.batches_per_epoch}")
+    logger.info(f"  Optimization steps per epoch = {schedule.updates_per_epoch}")
     for key, value in extra.items():
         logger.info(f"  {key} = {value}")
 
@@ -391,19 +589,6 @@ def write_json(path: str | os.PathLike, values: dict) -> Path:
     path = Path(path)
     path.write_text(json.dumps(values, indent=2, default=str))
     return path
-
-
-def create_lr_scheduler(name: str, optimizer, num_warmup_steps: int, max_train_steps: int, num_processes: int = 1):
-    """diffusers' `get_scheduler`, with step counts scaled by the number of processes as the upstream scripts do
-    (accelerate steps a prepared scheduler once per process)."""
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(
-        str(name),
-        optimizer=optimizer,
-        num_warmup_steps=num_warmup_steps * num_processes,
-        num_training_steps=max_train_steps * num_processes,
-    )
 
 
 def configure_logging(accelerator) -> None:
