@@ -4,6 +4,9 @@ The image side mirrors the preprocessing of diffusers' `train_text_to_image_lora
 conditioning of `train_text_to_image_lora_sdxl.py`) with PIL and torch only: torchvision's `Resize`, `CenterCrop`,
 `RandomCrop`, `RandomHorizontalFlip`, `ToTensor` and `Normalize` are re-implemented here with the same arithmetic and
 the same draws from the global torch RNG, so a seed gives the crops and flips the upstream script would give.
+Wherever an image is decoded (training, the held-out loss, latent caching, the up-front readability check), it goes
+through `load_rgb_image` / `to_rgb`: turned upright by its EXIF orientation, transparent pixels composited on white
+(`TRANSPARENT_BACKGROUND`), 16-bit and floating-point samples scaled to 8 bits, every Pillow mode made RGB.
 
 The text side mirrors transformers' `run_clm_no_trainer.py`: load, tokenize, concatenate, cut into blocks.
 """
@@ -20,7 +23,7 @@ from itertools import chain
 import datasets
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from transformers import default_data_collator
 
 # A component, not a recipe: it must also work where no `Accelerator` exists (accelerate's logger raises there).
@@ -39,6 +42,9 @@ IMAGE_INTERPOLATION_MODES = {
 }
 
 TEXT_FILE_LOADERS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json"}
+
+# The one flat colour transparent pixels of every image are composited on (`to_rgb`): white, as image viewers show.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
 
 # How many corrupt image names one warning lists before it only counts.
 _MAX_NAMED_CORRUPT_IMAGES = 20
@@ -147,6 +153,80 @@ def _resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+# Modes whose samples have more than 8 bits, as Pillow decodes 16-bit PNG/PGM/TIFF (`I;16*`, older Pillow `I`) and
+# 32-bit integer or floating-point TIFF (`I`, `F`) files.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_FLOAT_MODES = ("F",)
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+
+
+def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """An `I;16*`/`I` or `F` image as 8-bit grayscale (`L`, or `LA` when a `transparency` key marks pixels).
+
+    Integer samples are 16-bit: 0..65535 maps linearly to 0..255 (values outside are clipped). Float samples are in
+    [0, 1], the convention of floating-point TIFF; outside is clipped, NaN is black.
+    """
+    samples = np.asarray(image)
+    if image.mode in _FLOAT_MODES:
+        scaled = np.nan_to_num(samples.astype(np.float64), nan=0.0).clip(0.0, 1.0) * 255.0
+    else:
+        scaled = samples.astype(np.float64).clip(0, 65535) * (255.0 / 65535.0)
+    gray = Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        alpha = Image.fromarray(np.where(samples == key, 0, 255).astype(np.uint8), mode="L")
+        return Image.merge("LA", (gray, alpha))
+    return gray
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BACKGROUND) -> Image.Image:
+    """The RGB picture a person sees, from a PIL image of any mode a folder of images holds.
+
+    - EXIF orientation is applied (the image is turned upright) and removed.
+    - `1`, `L`, `P`, `RGB`, `RGBX`, `YCbCr`, `CMYK`, `HSV`, `LAB`: Pillow's conversion (CMYK without its ICC profile,
+      as Pillow converts it).
+    - 16-bit samples (`I;16`, `I;16B`, `I;16L`, `I;16N`, and `I`, which Pillow decodes 16-bit files to): 0..65535
+      scaled to 0..255, not clipped at 255 as Pillow's `convert` does. `F` (floating point): [0, 1] scaled to
+      0..255. 16-bit RGB(A) PNGs Pillow already decodes to 8-bit `RGB`/`RGBA`.
+    - Transparency (`LA`, `La`, `PA`, `RGBA`, `RGBa`, `P` with a transparent palette entry or an RGBA palette, and
+      `L`/`RGB`/`I;16` with a `transparency` colour key): composited on one flat `background`, white by default
+      (`TRANSPARENT_BACKGROUND`): fully transparent pixels become exactly the background, whatever colour they hold.
+
+    Args:
+        image: A PIL image.
+        background: RGB colour (0..255 each) transparent pixels are composited on.
+
+    Returns:
+        An 8-bit `RGB` image of the same upright size; `image` itself when it is already upright RGB.
+
+    Raises:
+        ValueError: Pillow cannot convert the mode to RGB; the message names the mode.
+    """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in _FLOAT_MODES:
+        image = _high_depth_to_8bit(image)
+    has_alpha = _has_alpha(image)
+    if image.mode == "RGB" and not has_alpha:
+        return image
+    try:
+        if not has_alpha:
+            return image.convert("RGB")
+        if image.mode == "La":  # premultiplied; Pillow converts it to RGBA only through LA
+            image = image.convert("LA")
+        rgba = image.convert("RGBA")
+    except ValueError as error:
+        raise ValueError(f"Cannot show a PIL image of mode {image.mode} as RGB: {error}") from error
+    flat = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(flat, rgba).convert("RGB")
+
+
 def _pil_to_normalized_tensor(image: Image.Image) -> torch.Tensor:
     # torchvision's `ToTensor` then `Normalize([0.5], [0.5])`, in the same operations so the floats match.
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
@@ -192,16 +272,17 @@ class ImagePreprocessor:
         """Transforms one image and reports the size and crop conditioning Stable Diffusion XL trains with.
 
         Args:
-            image: Any PIL image; converted to RGB.
+            image: Any PIL image; converted to RGB by `to_rgb` (upright, transparency on `TRANSPARENT_BACKGROUND`,
+                16-bit and float samples scaled).
 
         Returns:
             `(pixel_values, original_size, crop_top_left)`: a float32 tensor of shape (3, resolution, resolution) in
-            [-1, 1]; the input's `(height, width)`; the `(top, left)` of the crop in the resized image. When the
+            [-1, 1]; the upright input's `(height, width)`; the `(top, left)` of the crop in the resized image. When the
             image is flipped, `left` is measured in the flipped image (resized width - left - resolution), as in
             upstream's SDXL script, which flips before it crops.
         """
+        image = to_rgb(image)
         original_size = (image.height, image.width)
-        image = image.convert("RGB")
         height, width = _resized_size(image.height, image.width, self.resolution)
         if (height, width) != (image.height, image.width):
             image = image.resize((width, height), resample=self.interpolation)
@@ -216,7 +297,7 @@ class ImagePreprocessor:
         """Transforms one image.
 
         Args:
-            image: Any PIL image; converted to RGB.
+            image: Any PIL image; converted to RGB by `to_rgb`.
 
         Returns:
             A float32 tensor of shape (3, resolution, resolution) in [-1, 1].
@@ -270,7 +351,7 @@ def tokenize_captions(captions: Sequence, tokenizer, is_train: bool = True, capt
     return inputs.input_ids
 
 
-def _decode_image(value, mode: str | None = None) -> Image.Image:
+def _open_image(value) -> Image.Image:
     """Opens an image stored as a PIL image, a `{"bytes", "path"}` dict, raw bytes or a path, fully loaded."""
     if isinstance(value, Image.Image):
         return value
@@ -280,8 +361,26 @@ def _decode_image(value, mode: str | None = None) -> Image.Image:
         value = {"bytes": None, "path": os.fspath(value)}
     elif not isinstance(value, dict):
         raise TypeError(f"Cannot read an image from a {type(value).__name__}.")
-    # `datasets` decodes as below (PIL open, load, EXIF orientation), for local paths, hub paths and bytes alike.
-    return datasets.Image(mode=mode).decode_example(value)
+    # `datasets` opens as below (PIL open and load), for local paths, hub paths and bytes alike. No `mode`: Pillow's
+    # plain `convert` drops alpha and clips 16-bit samples; `to_rgb` converts instead.
+    return datasets.Image().decode_example(value)
+
+
+def load_rgb_image(value, background: tuple[int, int, int] = TRANSPARENT_BACKGROUND) -> Image.Image:
+    """Opens an image and returns the RGB picture a person sees (`to_rgb`): how every image of the data is decoded.
+
+    Args:
+        value: A PIL image, a `{"bytes", "path"}` dict (an undecoded `datasets.Image` value), raw bytes or a path.
+        background: RGB colour transparent pixels are composited on.
+
+    Returns:
+        An 8-bit RGB `PIL.Image.Image`, upright.
+
+    Raises:
+        TypeError: `value` is of another type.
+        OSError, ValueError, ...: The file cannot be decoded (whatever PIL raises), or its mode cannot be shown as RGB.
+    """
+    return to_rgb(_open_image(value), background)
 
 
 def _image_name(index: int, value) -> str:
@@ -289,14 +388,14 @@ def _image_name(index: int, value) -> str:
     return f"{index} ({path})" if path else str(index)
 
 
-def _readable_image_rows(dataset: datasets.Dataset, image_column: str, mode: str | None) -> tuple[list[int], list]:
+def _readable_image_rows(dataset: datasets.Dataset, image_column: str) -> tuple[list[int], list]:
     """Decodes every image once: the indices that decode, and the names of those that do not."""
     readable, corrupt = [], []
     index = 0
     for batch in dataset.select_columns([image_column]).iter(batch_size=64):
         for value in batch[image_column]:
             try:
-                _decode_image(value, mode)
+                load_rgb_image(value)
                 readable.append(index)
             except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) on bad bytes
                 corrupt.append(_image_name(index, value))
@@ -324,11 +423,10 @@ def drop_unreadable_images(
         ValueError: No image is readable, or some are not and `strict` is set.
     """
     feature = dataset.features[image_column]
-    mode = feature.mode if isinstance(feature, datasets.Image) else None
     undecoded = dataset
     if isinstance(feature, datasets.Image) and feature.decode:
-        undecoded = dataset.cast_column(image_column, datasets.Image(mode=mode, decode=False))
-    readable, corrupt = _readable_image_rows(undecoded, image_column, mode)
+        undecoded = dataset.cast_column(image_column, datasets.Image(decode=False))
+    readable, corrupt = _readable_image_rows(undecoded, image_column)
     named = ", ".join(corrupt[:_MAX_NAMED_CORRUPT_IMAGES])
     if len(corrupt) > _MAX_NAMED_CORRUPT_IMAGES:
         named += f", ... ({len(corrupt) - _MAX_NAMED_CORRUPT_IMAGES} more)"
@@ -362,28 +460,26 @@ class TextToImageDataset(torch.utils.data.Dataset):
     `crop_top_left` (tuples of 2 ints).
 
     Args:
-        dataset: Rows with the image column undecoded (or images of any form `_decode_image` reads) and captions.
+        dataset: Rows with the image column undecoded (or images of any form `load_rgb_image` reads) and captions.
         tokenizers: One tokenizer per text encoder; all tokenize the same chosen caption.
         preprocessor: The image transforms.
         image_column: Column holding the images.
         caption_column: Column holding the captions.
-        image_mode: PIL mode images are converted to on decoding (the `Image` feature's), or None.
     """
 
-    def __init__(self, dataset, tokenizers, preprocessor, image_column, caption_column, image_mode=None):
+    def __init__(self, dataset, tokenizers, preprocessor, image_column, caption_column):
         self.dataset = dataset
         self.tokenizers = list(tokenizers)
         self.preprocessor = preprocessor
         self.image_column = image_column
         self.caption_column = caption_column
-        self.image_mode = image_mode
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[int(index)]
-        image = _decode_image(row[self.image_column], self.image_mode)
+        image = load_rgb_image(row[self.image_column])
         pixel_values, original_size, crop_top_left = self.preprocessor.preprocess(image)
         caption = choose_caption(row[self.caption_column], is_train=True, caption_column=self.caption_column)
         item = {"pixel_values": pixel_values, "original_size": original_size, "crop_top_left": crop_top_left}
@@ -435,13 +531,12 @@ def make_text_to_image_dataset(
         raw_dataset = raw_dataset.shuffle(seed=seed).select(range(count))
     dataset = raw_dataset.select_columns([image_column, caption_column])
     feature = dataset.features[image_column]
-    image_mode = None
     if isinstance(feature, datasets.Image):
-        # Rows are fetched undecoded and decoded by `_decode_image`, the same path that checks them once here.
-        image_mode = feature.mode
-        dataset = dataset.cast_column(image_column, datasets.Image(mode=image_mode, decode=False))
+        # Rows are fetched undecoded and decoded by `load_rgb_image`, the same path that checks them once here. The
+        # feature's `mode` is not applied: `to_rgb` gives every image the RGB a person sees.
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     readable = drop_unreadable_images(dataset, image_column, strict=strict)
-    text_to_image = TextToImageDataset(readable, tokenizers, preprocessor, image_column, caption_column, image_mode)
+    text_to_image = TextToImageDataset(readable, tokenizers, preprocessor, image_column, caption_column)
     text_to_image.skipped_images = len(dataset) - len(readable)
     return text_to_image
 

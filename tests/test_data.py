@@ -1,6 +1,7 @@
 """The datasets of both trainers on the tiny image folder, tokenizers and text corpus: upstream's preprocessing,
 reproducible augmentations, corrupt images dropped, and token blocks of the requested size."""
 
+import json
 import logging
 import random
 import shutil
@@ -9,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from transformers import AutoTokenizer, CLIPTokenizer
 
 from diffusers_lowmem import data
@@ -114,6 +115,253 @@ def test_grayscale_and_rgba_are_converted_to_rgb():
     preprocessor = data.ImagePreprocessor(8, center_crop=True)
     for mode in ("L", "RGBA", "P"):
         assert preprocessor(Image.new(mode, (12, 8))).shape == (3, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Image modes: every mode a folder holds becomes the RGB picture a person sees (`data.to_rgb`), read from files.
+# --------------------------------------------------------------------------------------------------------------------
+
+WHITE = (255, 255, 255)
+MAGENTA = (255, 0, 255)
+
+
+def reopen(image, path, **save_kwargs):
+    """Writes `image` with Pillow and reads it back as the data pipeline does (`load_rgb_image`) and as Pillow
+    opens it; returns `(rgb pixels as an int array (H, W, 3), the mode Pillow opened)`."""
+    image.save(path, **save_kwargs)
+    with Image.open(path) as opened:
+        mode = opened.mode
+    rgb = data.load_rgb_image(str(path))
+    assert rgb.mode == "RGB" and rgb.size == image.size
+    return np.asarray(rgb).astype(int), mode
+
+
+def png_bytes(samples: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG (which Pillow can read but not write) of `samples` (H, W, C) uint16, big-endian as PNG stores."""
+    import struct
+    import zlib
+
+    height, width = samples.shape[:2]
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples.reshape(height, -1))
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_rgba_transparent_magenta_becomes_white_and_opaque_pixels_stay(tmp_path):
+    pixels = np.zeros((64, 64, 4), dtype=np.uint8)
+    pixels[:, :32] = (*MAGENTA, 0)  # the issue's file: a transparent left half that holds magenta
+    pixels[:, 32:48] = (10, 200, 30, 255)
+    pixels[:, 48:] = (0, 0, 0, 128)  # half-transparent black over white: mid gray
+    rgb, mode = reopen(Image.fromarray(pixels, mode="RGBA"), tmp_path / "rgba.png")
+    assert mode == "RGBA"
+    assert (rgb[:, :32] == WHITE).all()
+    assert (rgb[:, 32:48] == (10, 200, 30)).all()
+    assert np.abs(rgb[:, 48:] - 127).max() <= 1
+    # Through the preprocessor as the VAE gets it: +1 in every channel on the left, not magenta's [1, -1, 1].
+    pixel_values = data.ImagePreprocessor(64, center_crop=True)(data.load_rgb_image(str(tmp_path / "rgba.png")))
+    assert torch.equal(pixel_values[:, :, :32], torch.ones(3, 64, 32))
+
+
+def test_premultiplied_rgba_and_la_are_composited_too():
+    pixels = np.zeros((4, 4, 4), dtype=np.uint8)
+    pixels[:, :2] = (*MAGENTA, 0)
+    pixels[:, 2:] = (40, 80, 120, 255)
+    rgb = np.asarray(data.to_rgb(Image.fromarray(pixels, mode="RGBA").convert("RGBa"))).astype(int)
+    assert (rgb[:, :2] == WHITE).all() and (rgb[:, 2:] == (40, 80, 120)).all()
+    gray = Image.merge("LA", (Image.new("L", (4, 4), 0), Image.new("L", (4, 4), 0))).convert("La")
+    assert (np.asarray(data.to_rgb(gray)) == 255).all()
+
+
+def test_la_transparent_pixels_become_white(tmp_path):
+    gray = np.full((8, 8), 30, dtype=np.uint8)
+    alpha = np.full((8, 8), 255, dtype=np.uint8)
+    alpha[:, :4] = 0
+    rgb, mode = reopen(Image.merge("LA", (Image.fromarray(gray), Image.fromarray(alpha))), tmp_path / "la.png")
+    assert mode == "LA"
+    assert (rgb[:, :4] == WHITE).all() and (rgb[:, 4:] == 30).all()
+
+
+def palette_image():
+    """4x2 `P` image: index 0 is magenta, 1 red, 2 green, 3 blue; column x holds index x."""
+    image = Image.fromarray(np.tile(np.arange(4, dtype=np.uint8), (2, 1)), mode="P")
+    image.putpalette([*MAGENTA, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    return image
+
+
+def test_palette_without_transparency_shows_its_colours(tmp_path):
+    rgb, mode = reopen(palette_image(), tmp_path / "p.png")
+    assert mode == "P"
+    assert [tuple(rgb[0, x]) for x in range(4)] == [MAGENTA, (255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+@pytest.mark.parametrize("suffix", ["png", "gif"])
+def test_palette_with_a_transparent_entry_shows_white_there(tmp_path, suffix):
+    rgb, mode = reopen(palette_image(), tmp_path / f"p.{suffix}", transparency=0)
+    assert mode == "P"
+    assert [tuple(rgb[1, x]) for x in range(4)] == [WHITE, (255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def test_colour_key_transparency_of_rgb_and_l_files_becomes_white(tmp_path):
+    pixels = np.zeros((2, 4, 3), dtype=np.uint8)
+    pixels[:, :2] = MAGENTA
+    rgb, _ = reopen(Image.fromarray(pixels, mode="RGB"), tmp_path / "key.png", transparency=MAGENTA)
+    assert (rgb[:, :2] == WHITE).all() and (rgb[:, 2:] == 0).all()
+    gray = np.array([[7, 7, 9, 9]], dtype=np.uint8)
+    rgb, _ = reopen(Image.fromarray(gray, mode="L"), tmp_path / "key_l.png", transparency=7)
+    assert (rgb[0, :2] == WHITE).all() and (rgb[0, 2:] == 9).all()
+
+
+def test_bilevel_and_grayscale_become_equal_channels(tmp_path):
+    checker = (np.indices((8, 8)).sum(axis=0) % 2).astype(bool)
+    bilevel = Image.fromarray(checker.astype(np.uint8) * 255).convert("1")  # (fromarray of bools packs wrongly)
+    rgb, mode = reopen(bilevel, tmp_path / "bits.png")
+    assert mode == "1"
+    assert (rgb == np.where(checker, 255, 0)[..., None]).all()
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (3, 1))
+    rgb, mode = reopen(Image.fromarray(ramp, mode="L"), tmp_path / "gray.png")
+    assert mode == "L"
+    assert (rgb == ramp[..., None]).all()
+
+
+def test_rgb_is_returned_unchanged(tmp_path):
+    image = noise_image(12, 10)
+    rgb, _ = reopen(image, tmp_path / "rgb.png")
+    assert (rgb == np.asarray(image)).all()
+    assert data.to_rgb(image) is image
+
+
+def test_cmyk_shows_as_ink_on_paper(tmp_path):
+    inks = np.zeros((1, 4, 4), dtype=np.uint8)
+    inks[0, 1] = (255, 0, 0, 0)  # cyan
+    inks[0, 2] = (0, 255, 255, 0)  # magenta + yellow = red
+    inks[0, 3] = (0, 0, 0, 255)  # black
+    rgb, mode = reopen(Image.fromarray(inks, mode="CMYK"), tmp_path / "cmyk.tiff")
+    assert mode == "CMYK"
+    assert [tuple(rgb[0, x]) for x in range(4)] == [WHITE, (0, 255, 255), (255, 0, 0), (0, 0, 0)]
+
+
+def test_ycbcr_shows_its_rgb(tmp_path):
+    image = noise_image(8, 8, seed=3)
+    rgb, mode = reopen(image.convert("YCbCr"), tmp_path / "ycbcr.tiff")
+    assert mode == "YCbCr"
+    assert np.abs(rgb - np.asarray(image).astype(int)).max() <= 3  # YCbCr rounding, both ways
+
+
+def sixteen_bit_ramp(width=256):
+    return np.round(np.linspace(0, 65535, width)).astype(np.uint16)[None, :].repeat(4, axis=0)
+
+
+def test_sixteen_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    ramp = sixteen_bit_ramp()
+    rgb, mode = reopen(Image.fromarray(ramp), tmp_path / "gray16.png")
+    assert mode == "I;16"
+    assert (rgb == np.round(ramp / 257.0).astype(int)[..., None]).all()
+
+
+def test_the_issues_sixteen_bit_gradient_reaches_the_vae_as_a_gradient(tmp_path):
+    gradient = np.round(np.linspace(0, 65535, 64 * 64)).astype(np.uint16).reshape(64, 64)
+    Image.fromarray(gradient).save(tmp_path / "gradient16.png")
+    pixel_values = data.ImagePreprocessor(64, center_crop=True)(Image.open(tmp_path / "gradient16.png"))
+    values = pixel_values[0].flatten()
+    assert torch.equal(pixel_values[0], pixel_values[1]) and torch.equal(pixel_values[1], pixel_values[2])
+    assert values[0].item() == -1.0 and values[-1].item() == 1.0
+    assert (values[1:] >= values[:-1]).all()  # monotonic, row after row
+    assert (values == 1.0).float().mean().item() < 0.01  # was 94 % saturated at +1
+    assert abs(values.mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I"])
+def test_every_sixteen_bit_mode_scales_65535_to_255(tmp_path, mode):
+    ramp = sixteen_bit_ramp(64)
+    samples = ramp.astype({"I;16B": ">u2", "I": np.int32}.get(mode, "<u2"))
+    image = Image.frombuffer(mode, (64, 4), samples.tobytes(), "raw", mode, 0, 1)
+    assert np.array_equal(np.asarray(image).astype(int), ramp.astype(int))
+    rgb, opened_mode = reopen(image, tmp_path / "sixteen.tiff")
+    assert opened_mode.startswith("I")
+    assert (rgb == np.round(ramp / 257.0).astype(int)[..., None]).all()
+
+
+def test_int32_values_outside_sixteen_bits_are_clipped(tmp_path):
+    samples = np.array([[-5, 0, 65535, 100000]], dtype=np.int32)
+    rgb, mode = reopen(Image.fromarray(samples, mode="I"), tmp_path / "int32.tiff")
+    assert mode == "I"
+    assert rgb[0, :, 0].tolist() == [0, 0, 255, 255]
+
+
+def test_float_images_map_zero_to_one_onto_black_to_white(tmp_path):
+    samples = np.array([[0.0, 0.25, 0.5, 1.0, 2.0, -1.0, np.nan]], dtype=np.float32)
+    rgb, mode = reopen(Image.fromarray(samples, mode="F"), tmp_path / "float.tiff")
+    assert mode == "F"
+    assert rgb[0, :, 0].tolist() == [0, 64, 128, 255, 255, 0, 0]
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
+def test_sixteen_bit_rgb_and_rgba_pngs(tmp_path):
+    ramp = np.round(np.linspace(0, 65535, 32)).astype(np.uint16)
+    samples = np.stack([ramp, ramp[::-1], np.full_like(ramp, 32896)], axis=-1)[None].repeat(2, axis=0)
+    (tmp_path / "rgb16.png").write_bytes(png_bytes(samples, color_type=2))
+    with Image.open(tmp_path / "rgb16.png") as opened:
+        assert opened.mode in ("RGB", "I;16", "I;16B")  # what the installed Pillow decodes 16-bit RGB to
+    rgb = np.asarray(data.load_rgb_image(str(tmp_path / "rgb16.png"))).astype(int)
+    assert rgb.shape == (2, 32, 3)
+    assert np.abs(rgb - samples / 257.0).max() <= 1.0
+    alpha = np.full((2, 32, 1), 65535, dtype=np.uint16)
+    alpha[:, :16] = 0
+    (tmp_path / "rgba16.png").write_bytes(png_bytes(np.concatenate([samples, alpha], axis=-1), color_type=6))
+    rgba = np.asarray(data.load_rgb_image(str(tmp_path / "rgba16.png"))).astype(int)
+    assert (rgba[:, :16] == WHITE).all()
+    assert np.abs(rgba[:, 16:] - samples[:, 16:] / 257.0).max() <= 1.0
+
+
+def test_exif_rotated_jpeg_is_upright_and_sized_upright(tmp_path):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)  # wide, with a white left third
+    pixels[:, :13] = 255
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # "rotate 90 degrees clockwise to view"
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    rgb = data.load_rgb_image(str(tmp_path / "rotated.jpg"))
+    assert rgb.size == (20, 40)  # upright: tall
+    upright = np.asarray(rgb).astype(int)
+    assert upright[:10].mean() > 240 and upright[-10:].mean() < 15  # the white third is now on top
+    # A PIL image handed over still carrying the tag is turned too, and SDXL's original size is the upright one.
+    _, original_size, _ = data.ImagePreprocessor(16, center_crop=True).preprocess(Image.open(tmp_path / "rotated.jpg"))
+    assert original_size == (40, 20)
+
+
+def test_background_is_one_flat_colour_for_every_mode_with_alpha():
+    transparent = {
+        "RGBA": Image.new("RGBA", (2, 2), (*MAGENTA, 0)),
+        "LA": Image.new("LA", (2, 2), (0, 0)),
+        "PA": Image.new("PA", (2, 2), (0, 0)),
+    }
+    for mode, image in transparent.items():
+        assert (np.asarray(data.to_rgb(image)) == 255).all(), mode
+        assert (np.asarray(data.to_rgb(image, background=(0, 0, 0))) == 0).all(), mode
+    assert data.TRANSPARENT_BACKGROUND == WHITE
+
+
+def test_the_image_folder_pipeline_decodes_through_to_rgb(tmp_path, cache_dir, clip_tokenizer):
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    pixels = np.zeros((32, 32, 4), dtype=np.uint8)
+    pixels[:, :16] = (*MAGENTA, 0)
+    pixels[:, 16:] = (0, 0, 0, 255)
+    Image.fromarray(pixels, mode="RGBA").save(folder / "a.png")
+    Image.fromarray(sixteen_bit_ramp(32)[:1].repeat(32, axis=0)).save(folder / "b.png")
+    rows = [{"file_name": "a.png", "text": "transparent"}, {"file_name": "b.png", "text": "ramp"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    raw = data.load_image_caption_dataset(train_data_dir=str(folder), cache_dir=cache_dir)
+    dataset = data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(32, center_crop=True))
+    by_caption = {row: dataset[index]["pixel_values"] for index, row in enumerate(dataset.dataset["text"])}
+    transparent = by_caption["transparent"]
+    assert torch.equal(transparent[:, :, :16], torch.ones(3, 32, 16))
+    assert torch.equal(transparent[:, :, 16:], -torch.ones(3, 32, 16))
+    ramp = by_caption["ramp"][0, 0]
+    assert ramp[0].item() == -1.0 and ramp[-1].item() == 1.0 and (ramp[1:] > ramp[:-1]).all()
 
 
 def test_center_crop_keeps_the_middle_without_resizing():
