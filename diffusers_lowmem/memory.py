@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import sys
 import weakref
 from collections.abc import Iterable, Iterator
@@ -15,7 +17,10 @@ from pathlib import Path
 import psutil
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 try:
     import resource
@@ -55,6 +60,9 @@ def stored_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
 def _storage_key(tensor: torch.Tensor) -> tuple:
     if tensor.device.type == "meta":
         return ("meta", id(tensor))
+    if is_fake(tensor):
+        # Fake tensors have no data pointer; torch keeps one Python object per storage, so its id names it.
+        return ("fake", id(tensor.untyped_storage()))
     return (tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr())
 
 
@@ -296,6 +304,270 @@ def memory_breakdown(models: Iterable[nn.Module] | nn.Module, optimizer=None) ->
         gradients=gradient_bytes,
         optimizer_state=state_bytes,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Live tensor storage, counted op by op.
+# --------------------------------------------------------------------------------------------------------------------
+
+# CUDA's caching allocator rounds every block up to a multiple of 512 bytes (`kMinBlockSize` in PyTorch's
+# c10/cuda/CUDACachingAllocator.cpp), and `torch.cuda.memory_allocated` counts the rounded sizes.
+CUDA_BLOCK_BYTES = 512
+# Kinds of live memory, by what made it.
+KIND_WEIGHTS = "weights"
+KIND_ACTIVATIONS = "activations"
+KIND_BACKWARD = "backward"
+KIND_GRADIENTS = "gradients"
+KIND_OPTIMIZER_STATE = "optimizer state"
+PHASE_FORWARD = "forward"
+PHASE_BACKWARD = "backward"
+PHASE_OPTIMIZER_STEP = "optimizer step"
+# A new snapshot of what is live is taken when the peak grows by this fraction over the last snapshot's.
+_SNAPSHOT_GROWTH = 0.002
+_LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+class _Storage:
+    """What the counter keeps of one live storage: its rounded bytes, what made it, and in which module."""
+
+    __slots__ = ("nbytes", "kind", "owner")
+
+    def __init__(self, nbytes: int, kind: str, owner: str):
+        self.nbytes, self.kind, self.owner = nbytes, kind, owner
+
+
+def _kind_of_phase(phase: str) -> str:
+    return {
+        PHASE_FORWARD: KIND_ACTIVATIONS,
+        PHASE_BACKWARD: KIND_BACKWARD,
+        PHASE_OPTIMIZER_STEP: KIND_OPTIMIZER_STATE,
+    }.get(phase, KIND_WEIGHTS)
+
+
+class LiveTensorCounter(TorchDispatchMode):
+    """Counts the bytes of live tensor storage on one device type as ops make and free tensors, with their peak.
+
+    It measures what `torch.cuda.memory_allocated` / `max_memory_allocated` measure on CUDA, on any device and on
+    fake tensors (`torch._subclasses.fake_tensor.FakeTensorMode`), where nothing is allocated at all. Every tensor an
+    op returns on `device_type` registers its untyped storage once (torch keeps one Python object per storage; views
+    share their base's), rounded up to `block_bytes`, with a `weakref.finalize` that subtracts it when the storage is
+    freed. Storages made before the counter was entered count only if passed to `adopt`.
+
+    Each storage is labelled with the phase it was made in (`phase`, set by the caller: "load", "quantize", ...;
+    "backward" while the autograd engine runs and "optimizer step" inside `Optimizer.step`, both detected) and the
+    innermost module whose forward made it (names from `name_modules`), so `at_peak` can say what held the peak.
+
+    Use it as a context manager (`with LiveTensorCounter("cpu") as counter:`), or `start()` / `stop()`.
+
+    Args:
+        device_type: The device type to count (`"cuda"`, `"cpu"`); tensors elsewhere (and on `meta`) are ignored.
+        block_bytes: Each storage counts as its size rounded up to a multiple of this (512: CUDA's allocator).
+    """
+
+    def __init__(self, device_type: str = "cpu", block_bytes: int = CUDA_BLOCK_BYTES):
+        super().__init__()
+        self.device_type = device_type
+        self.block_bytes = max(1, block_bytes)
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.phase = "load"
+        self.phase_of_peak = self.phase
+        self._live: dict[int, _Storage] = {}
+        self._snapshot: list[_Storage] = []
+        self._snapshot_bytes = 0
+        self._module_names: dict[int, str] = {}
+        self._module_stack: list[str] = []
+        self._hook_handles: list = []
+        self._phase_before_step: list[str] = []
+        self._paused = 0
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------------
+
+    def _rounded(self, nbytes: int) -> int:
+        return -(-nbytes // self.block_bytes) * self.block_bytes
+
+    def _register(self, storage, kind: str, owner: str, phase: str | None = None) -> None:
+        key = id(storage)
+        if key in self._live:
+            return
+        record = _Storage(self._rounded(storage.nbytes()), kind, owner)
+        self._live[key] = record
+        self.live_bytes += record.nbytes
+        weakref.finalize(storage, self._free, key)
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            self.phase_of_peak = phase or self.phase
+            if self.live_bytes > self._snapshot_bytes * (1 + _SNAPSHOT_GROWTH):
+                self._snapshot = list(self._live.values())
+                self._snapshot_bytes = self.live_bytes
+
+    def _free(self, key: int) -> None:
+        record = self._live.pop(key, None)
+        if record is not None:
+            self.live_bytes -= record.nbytes
+
+    def _counts(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type == self.device_type
+
+    def _current_phase(self) -> str:
+        if self.phase != PHASE_OPTIMIZER_STEP and torch._C._current_autograd_node() is not None:
+            return PHASE_BACKWARD
+        return self.phase
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor) and self._counts(value):
+                storage = value.untyped_storage()
+                if id(storage) not in self._live:
+                    phase = self._current_phase()
+                    owner = self._module_stack[-1] if self._module_stack else phase
+                    self._register(storage, _kind_of_phase(phase), owner, phase)
+        return out
+
+    # ---- what callers use ----------------------------------------------------------------------------------------
+
+    def adopt(self, tensors: Iterable[torch.Tensor], kind: str = KIND_WEIGHTS, owner: str = "weights") -> None:
+        """Counts tensors made before the counter started (their quantization state included), each storage once.
+
+        Args:
+            tensors: Tensors or parameters; those not on `device_type` are skipped.
+            kind: What they are, for `at_peak`.
+            owner: Who holds them, for `at_peak`.
+        """
+        for tensor in tensors:
+            for stored in stored_tensors(tensor):
+                if self._counts(stored):
+                    self._register(stored.untyped_storage(), kind, owner)
+
+    def name_modules(self, models: dict[str, nn.Module]) -> None:
+        """Names every module of `models` by `"{prefix}.{qualified name}"`, for `at_peak`; also relabels the live
+        storages of their parameters, buffers and gradients as frozen weights, adapter weights or gradients.
+
+        Args:
+            models: `{prefix: model}`, e.g. `{"unet": unet, "text_encoder": text_encoder}`.
+        """
+        for prefix, model in models.items():
+            model = _unwrap_model(model)
+            for name, module in model.named_modules():
+                self._module_names[id(module)] = f"{prefix}.{name}" if name else prefix
+        self.label_tensors(models)
+
+    def label_tensors(self, models: dict[str, nn.Module], optimizer=None) -> None:
+        """Labels the live storages of the parameters, buffers, gradients of `models` and the state of `optimizer`.
+
+        Args:
+            models: `{prefix: model}`.
+            optimizer: A torch or bitsandbytes optimizer (possibly accelerate-wrapped), or `None`.
+        """
+        for prefix, model in models.items():
+            model = _unwrap_model(model)
+            for name, parameter in model.named_parameters():
+                kind = "adapter weights" if parameter.requires_grad else "frozen weights"
+                self._relabel(parameter, kind, f"{prefix}.{name}")
+                if parameter.grad is not None:
+                    self._relabel(parameter.grad, KIND_GRADIENTS, f"{prefix}.{name}")
+            for name, buffer in model.named_buffers():
+                self._relabel(buffer, "frozen weights", f"{prefix}.{name}")
+        for tensor in optimizer_state_tensors(optimizer):
+            self._relabel(tensor, KIND_OPTIMIZER_STATE, "optimizer")
+
+    def _relabel(self, tensor: torch.Tensor, kind: str, owner: str) -> None:
+        for stored in stored_tensors(tensor):
+            if self._counts(stored):
+                record = self._live.get(id(stored.untyped_storage()))
+                if record is not None:
+                    record.kind, record.owner = kind, owner
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Tensors made inside are not counted (those freed inside still are, if counted before)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def reset_peak(self) -> None:
+        """Starts a new peak from the bytes live now (as `torch.cuda.reset_peak_memory_stats`)."""
+        self.peak_bytes = self.live_bytes
+        self.phase_of_peak = self.phase
+        self._snapshot = list(self._live.values())
+        self._snapshot_bytes = self.live_bytes
+
+    def at_peak(self, top: int = 12) -> list[dict]:
+        """What was live at the peak, grouped by kind and owner (layer indices folded: `layers.*.mlp`), largest first.
+
+        Args:
+            top: How many groups to return; the rest are summed into one `"other"` entry.
+
+        Returns:
+            `[{"kind": str, "owner": str, "bytes": int}, ...]`; the bytes add up to `peak_bytes` (to within the
+            0.2 % the peak may grow after the last snapshot).
+        """
+        groups: dict[tuple[str, str], int] = {}
+        for record in self._snapshot:
+            key = (record.kind, _LAYER_INDEX.sub(".*", record.owner))
+            groups[key] = groups.get(key, 0) + record.nbytes
+        ranked = sorted(groups.items(), key=lambda item: -item[1])
+        entries = [{"kind": kind, "owner": owner, "bytes": nbytes} for (kind, owner), nbytes in ranked[:top]]
+        rest = sum(nbytes for _, nbytes in ranked[top:])
+        if rest:
+            entries.append({"kind": "other", "owner": f"{len(ranked) - top} more groups", "bytes": rest})
+        return entries
+
+    def bytes_by_kind_at_peak(self) -> dict[str, int]:
+        """Bytes live at the peak by kind (weights, activations, gradients, optimizer state, ...)."""
+        kinds: dict[str, int] = {}
+        for record in self._snapshot:
+            kinds[record.kind] = kinds.get(record.kind, 0) + record.nbytes
+        return kinds
+
+    # ---- module and optimizer hooks ------------------------------------------------------------------------------
+
+    def _push_module(self, module, args) -> None:
+        self._module_stack.append(self._module_names.get(id(module), type(module).__name__))
+
+    def _pop_module(self, module, args, output) -> None:
+        if self._module_stack:
+            self._module_stack.pop()
+
+    def _enter_step(self, optimizer, args, kwargs) -> None:
+        self._phase_before_step.append(self.phase)
+        self.phase = PHASE_OPTIMIZER_STEP
+
+    def _leave_step(self, optimizer, args, kwargs) -> None:
+        self.phase = self._phase_before_step.pop() if self._phase_before_step else self.phase
+
+    def start(self) -> LiveTensorCounter:
+        """Enters the counter (as `with` does) and installs its module and optimizer hooks; returns it."""
+        self.__enter__()
+        return self
+
+    def stop(self) -> None:
+        """Leaves the counter and removes its hooks; what it counted stays readable."""
+        self.__exit__(None, None, None)
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._hook_handles = [
+            register_module_forward_pre_hook(self._push_module),
+            register_module_forward_hook(self._pop_module, always_call=True),
+            register_optimizer_step_pre_hook(self._enter_step),
+            register_optimizer_step_post_hook(self._leave_step),
+        ]
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        self._module_stack.clear()
+        return super().__exit__(exc_type, exc_value, traceback)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from fnmatch import fnmatch
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from diffusers_lowmem.memory import MIB, count_bytes
 from diffusers_lowmem.quantized_conv import is_quantizable_conv, is_quantized_conv, quantize_conv
@@ -233,7 +234,10 @@ def _is_quantized_parameter(parameter) -> bool:
         return bool(parameter.bnb_quantized)
     if isinstance(parameter, bnb.nn.Int8Params):
         return parameter.dtype == torch.int8
-    return False
+    # The memory estimate's stand-ins (fake tensors): a plain parameter holding the packed weight and its state.
+    return is_fake(parameter) and (
+        getattr(parameter, "quant_state", None) is not None or parameter.dtype == torch.int8
+    )
 
 
 def is_quantized_module(module: nn.Module) -> bool:
@@ -511,16 +515,27 @@ def _quantized_nf4_layer(
 ) -> nn.Module:
     bnb = _bnb()
     # Built on the meta device: a layer built on the CPU would first allocate and initialise a float weight.
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=double_quant,
-        quant_type="nf4",
-        quant_storage=quant_storage,
-        device="meta",
-    )
+    with unset_fake_temporarily():  # under FakeTensorMode too: a Params4bit cannot wrap a fake tensor
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            quant_storage=quant_storage,
+            device="meta",
+        )
+    if is_fake(weight):
+        # The memory estimate: the same packed weight and quantization state, made by the same bitsandbytes op (it
+        # has a fake kernel), held by a plain parameter; Linear4bit.forward reads only its data and `quant_state`.
+        packed, quant_state = bnb.functional.quantize_4bit(
+            weight, compress_statistics=double_quant, quant_type="nf4", quant_storage=quant_storage
+        )
+        layer.weight = nn.Parameter(packed, requires_grad=False)
+        layer.weight.quant_state = quant_state
+        layer.bias = _bias(linear, device, compute_dtype)
+        return layer
     parameter = bnb.nn.Params4bit(
         weight,
         requires_grad=False,
@@ -539,14 +554,23 @@ def _quantized_int8_layer(
     linear: nn.Linear, weight: torch.Tensor, device: torch.device, compute_dtype: torch.dtype
 ) -> nn.Module:
     bnb = _bnb()
-    layer = bnb.nn.Linear8bitLt(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        has_fp16_weights=False,
-        threshold=INT8_THRESHOLD,
-        device="meta",
-    )
+    with unset_fake_temporarily():  # under FakeTensorMode too: an Int8Params cannot wrap a fake tensor
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
+    if is_fake(weight):
+        # The memory estimate: Int8Params._quantize's op on a fake weight, held by a plain parameter that carries
+        # `CB` and `SCB` as Int8Params does (Linear8bitLt moves them into its state on the first forward).
+        row_major, row_scales, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+        layer.weight = nn.Parameter(row_major, requires_grad=False)
+        layer.weight.CB, layer.weight.SCB = row_major, row_scales
+        layer.bias = _bias(linear, device, compute_dtype)
+        return layer
     parameter = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     if weight.device.type == "cpu":
         layer.weight = parameter.to(device)

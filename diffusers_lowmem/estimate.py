@@ -1,0 +1,235 @@
+"""Memory estimate: a training command replayed on fake tensors, its live tensor bytes counted.
+
+`--estimate_memory [GIB]` makes a trainer run its own setup and two optimizer steps under
+`torch._subclasses.fake_tensor.FakeTensorMode`: every tensor has its real shape, dtype and device, but no data, so
+a Llama-2-7B or SDXL step takes seconds on a CPU and no memory. A `memory.LiveTensorCounter` counts the storages
+those fake tensors would occupy, as they are made and freed, which predicts `torch.cuda.max_memory_allocated` of the
+real run. This module holds what both trainers need for that: the fake run itself, the JSON report and its table,
+the verdict against a memory budget, and the search for flags that would make a run fit.
+
+What differs from a CUDA run (the fake run executes the CPU kernels of a CPU build of torch, which cannot make fake
+CUDA tensors): attention runs through the CPU's fused SDPA kernel, which saves the same output and log-sum-exp as
+CUDA's flash attention; bitsandbytes' 8-bit matmul takes its CPU path, which dequantizes the int8 weight to the
+compute dtype for the product (one layer at a time) where CUDA multiplies in int8. The caching allocator's block
+rounding (512 bytes) is applied; its fragmentation (reserved minus allocated) is not predicted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
+
+from diffusers_lowmem.memory import BREAKDOWN_FIELDS, GIB, MIB, LiveTensorCounter, MemoryBreakdown
+
+logger = logging.getLogger(__name__)
+
+ESTIMATE_JSON = "memory_estimate.json"
+ESTIMATE_STEPS = 2
+# What a CUDA device holds besides the tensors PyTorch allocates, added to the predicted peak for the verdict.
+# CUDA context: PyTorch's CUDA semantics notes say the context takes "~300-500 MB" depending on the CUDA version
+# and device (https://pytorch.org/docs/stable/notes/cuda.html, "Memory management"); the upper end is used until a
+# measurement on the device replaces it (benchmarks/gpu/run.sh measures it).
+CUDA_CONTEXT_BYTES = 500 * MIB
+# cuBLAS workspace: PyTorch's reproducibility notes give the default config ":4096:8" on Hopper and newer (8 buffers
+# of 4096 KiB; ":4096:2:16:8" elsewhere, 8.125 MiB + 8 x 16 KiB), https://pytorch.org/docs/stable/notes/
+# randomness.html and torch/csrc/cuda/CUDABlas.cpp `getChosenWorkspaceSize`: the larger one is used.
+CUBLAS_WORKSPACE_BYTES = 32 * MIB
+DEVICE_OVERHEAD_SOURCES = {
+    "cuda_context": "PyTorch docs, CUDA semantics: ~300-500 MB; upper end",
+    "cublas_workspace": "PyTorch docs, reproducibility: CUBLAS_WORKSPACE_CONFIG default :4096:8 on Hopper",
+}
+
+
+def device_overhead_bytes() -> dict[str, int]:
+    """The per-device bytes outside PyTorch's allocator that the verdict adds (see the module constants)."""
+    return {"cuda_context": CUDA_CONTEXT_BYTES, "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
+
+
+def warm_bitsandbytes() -> None:
+    """Builds bitsandbytes' quantization maps and caches on real tensors once, before fake mode.
+
+    bitsandbytes makes its maps from Python lists (`.tolist()` on tensors), which fake tensors cannot give. Running
+    each op the trainers use once on a small real tensor fills its caches; a missing bitsandbytes is left alone.
+    """
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:
+        return
+    weight = torch.zeros(64, 64)
+    bnb_functional.quantize_4bit(weight, compress_statistics=True, quant_type="nf4")
+    bnb_functional.quantize_blockwise(weight.flatten(), blocksize=256)
+    bnb_functional.int8_vectorwise_quant(weight.half())
+    for name in ("dynamic", "udynamic"):
+        bnb_functional.name2qmap.setdefault(name, bnb_functional.create_dynamic_map(signed=name == "dynamic"))
+
+
+@contextmanager
+def fake_run(device_type: str = "cpu"):
+    """Fake mode and a live-tensor counter: everything made inside has shapes and no data, and is counted.
+
+    Args:
+        device_type: The device type the trainer places tensors on in the fake run.
+
+    Yields:
+        The `memory.LiveTensorCounter`; set its `phase` to name the setup steps ("load", "quantize", ...).
+    """
+    warm_bitsandbytes()
+    # Real tensors made before (tokenizer outputs, bitsandbytes' maps, rotary tables) may meet fake ones.
+    with FakeTensorMode(allow_non_fake_inputs=True), LiveTensorCounter(device_type) as counter:
+        yield counter
+
+
+@contextmanager
+def real_tensors(counter: LiveTensorCounter):
+    """Inside a fake run: real tensors again, not counted. For building a model's skeleton on the meta device (its
+    parameters then become fake as the trainer materialises or quantizes them) and for tokenizers."""
+    with unset_fake_temporarily(), counter.paused():
+        yield
+
+
+def cast_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module.to(dtype)` for its floating parameters and buffers, in place, also on fake tensors.
+
+    `nn.Module.to` swaps fake parameters (`torch.utils.swap_tensors`), which fails on them; assigning `.data`, as
+    `nn.Module.to` does for ordinary tensors, keeps the parameters' identity in both cases.
+
+    Args:
+        module: The module, changed in place.
+        dtype: The floating dtype.
+
+    Returns:
+        `module`.
+    """
+    if not any(is_fake(tensor) for tensor in module.parameters()):
+        return module.to(dtype=dtype)
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+    return module
+
+
+def is_fake_module(module: nn.Module) -> bool:
+    """Whether `module` holds fake tensors (it was built inside `fake_run`)."""
+    return any(is_fake(tensor) for tensor in module.parameters())
+
+
+def build_report(
+    counter: LiveTensorCounter, breakdown: MemoryBreakdown, command: str, budget_gib: float | None = None
+) -> dict:
+    """The estimate as a JSON-ready dict.
+
+    Args:
+        counter: The counter of the fake run.
+        breakdown: Bytes by role, counted after the first optimizer step (gradients and optimizer state held).
+        command: What was estimated (the trainer's command line), for the report.
+        budget_gib: The memory budget in GiB (`--estimate_memory GIB`), or `None` for no verdict.
+
+    Returns:
+        `{"peak_bytes": int (the predicted torch.cuda.max_memory_allocated), "breakdown": {frozen_weights,
+        trainable_params, gradients, optimizer_state, activations_peak}, "at_peak": [{kind, owner, bytes}],
+        "bytes_by_kind_at_peak": {...}, "phase_of_peak": str, "device_overhead_bytes": {...}, "command": str}`, plus
+        `budget_bytes`, `required_bytes`, `fits` and `margin_bytes` with a budget.
+    """
+    values = breakdown.to_dict()
+    values["activations_peak"] = max(0, counter.peak_bytes - breakdown.static_total)
+    report = {
+        "peak_bytes": int(counter.peak_bytes),
+        "breakdown": {field: int(values[field]) for field in BREAKDOWN_FIELDS},
+        "at_peak": counter.at_peak(),
+        "bytes_by_kind_at_peak": counter.bytes_by_kind_at_peak(),
+        "phase_of_peak": counter.phase_of_peak,
+        "device_overhead_bytes": device_overhead_bytes(),
+        "command": command,
+    }
+    if budget_gib is not None:
+        report.update(verdict(report["peak_bytes"], budget_gib))
+    return report
+
+
+def verdict(peak_bytes: int, budget_gib: float) -> dict:
+    """Whether a run whose allocated peak is `peak_bytes` fits a device of `budget_gib` GiB.
+
+    The peak plus the per-device overhead (`device_overhead_bytes`) must not exceed the budget.
+
+    Returns:
+        `{"budget_bytes", "required_bytes", "fits", "margin_bytes"}` (margin negative when it does not fit).
+    """
+    budget_bytes = int(budget_gib * GIB)
+    required = int(peak_bytes) + sum(device_overhead_bytes().values())
+    return {
+        "budget_bytes": budget_bytes,
+        "required_bytes": required,
+        "fits": required <= budget_bytes,
+        "margin_bytes": budget_bytes - required,
+    }
+
+
+def suggest_variants(
+    args, variants: Iterable[tuple[str, dict]], estimate_peak: Callable[[object], int], budget_gib: float
+) -> list[dict]:
+    """Re-estimates `args` with each variant's flag changes and returns those that fit, smallest peak first.
+
+    Args:
+        args: The parsed command line (an `argparse.Namespace`); copied, never changed.
+        variants: `(flags as the user would type them, {attribute: new value})` pairs.
+        estimate_peak: Runs the trainer's estimate for a namespace and returns its peak bytes.
+        budget_gib: The memory budget in GiB.
+
+    Returns:
+        `[{"flags": str, "peak_bytes": int, "fits": bool}]` for every variant tried, fitting ones first.
+    """
+    suggestions = []
+    for flags, changes in variants:
+        variant = copy.copy(args)
+        for attribute, value in changes.items():
+            setattr(variant, attribute, value)
+        try:
+            peak = estimate_peak(variant)
+        except Exception as error:  # a variant the model cannot take (e.g. a too small resolution) is skipped
+            logger.info(f"Variant {flags} could not be estimated: {error}")
+            continue
+        suggestions.append({"flags": flags, "peak_bytes": int(peak), "fits": verdict(peak, budget_gib)["fits"]})
+    return sorted(suggestions, key=lambda entry: (not entry["fits"], entry["peak_bytes"]))
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:.2f} GiB"
+
+
+def report_table(report: dict) -> str:
+    """The estimate as the plain-text table the trainers print."""
+    lines = [f"Estimated peak memory (torch.cuda.max_memory_allocated): {_gib(report['peak_bytes'])}"]
+    lines.append(f"  peak reached during: {report['phase_of_peak']}")
+    for field in BREAKDOWN_FIELDS:
+        lines.append(f"  {field:<18} {_gib(report['breakdown'][field]):>12}")
+    lines.append("  held at the peak (largest first):")
+    for entry in report["at_peak"]:
+        lines.append(f"    {entry['bytes'] / MIB:>10.1f} MiB  {entry['kind']:<16} {entry['owner']}")
+    if "fits" in report:
+        overhead = sum(report["device_overhead_bytes"].values())
+        lines.append(
+            f"Budget {_gib(report['budget_bytes'])}: needs {_gib(report['required_bytes'])} (peak + "
+            f"{overhead / MIB:.0f} MiB CUDA context and cuBLAS workspace): "
+            + ("FITS" if report["fits"] else "DOES NOT FIT")
+            + f", margin {_gib(report['margin_bytes'])}"
+        )
+        for suggestion in report.get("suggestions", []):
+            mark = "fits" if suggestion["fits"] else "does not fit"
+            lines.append(f"  with {suggestion['flags']}: peak {_gib(suggestion['peak_bytes'])} ({mark})")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, output_dir) -> Path:
+    """Writes `OUTPUT_DIR/memory_estimate.json` and returns its path."""
+    path = Path(output_dir) / ESTIMATE_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
