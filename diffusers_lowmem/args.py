@@ -26,6 +26,7 @@ import torch
 
 from diffusers_lowmem.adapters import ADAPTER_ALGOS, CONV_ALGOS, AdapterConfig
 from diffusers_lowmem.architectures import ARCHITECTURES, TASK_CAUSAL_LM, TASK_TEXT_TO_IMAGE
+from diffusers_lowmem.chunked_loss import DEFAULT_CHUNK_SIZE as DEFAULT_LOSS_CHUNK_SIZE
 from diffusers_lowmem.quantization import DEFAULT_SKIP_CAUSAL_LM, DEFAULT_SKIP_UNET, QUANT_MODES
 from diffusers_lowmem.training import OPTIMIZERS
 
@@ -830,6 +831,30 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
         default=1,
         help="Log allocated, reserved and peak device memory (and host RSS) to the trackers every N optimizer steps.",
     )
+    group.add_argument(
+        "--offload_activations",
+        action="store_true",
+        help="Keep the activations saved for backward in host memory (pinned when CUDA is available), copied off the"
+        " device in forward and back in backward; with --gradient_checkpointing that is each layer's input. Saves"
+        " their device memory for two host-device copies per step (step time measured in"
+        " benchmarks/results/offload-and-chunked-loss-cpu.md). Weights, tensors under 1 MiB and tensors already on"
+        " the host stay where they are.",
+    )
+    if not text_to_image:
+        group.add_argument(
+            "--loss_chunk_size",
+            type=int,
+            default=DEFAULT_LOSS_CHUNK_SIZE,
+            metavar="TOKENS",
+            help="Compute the loss and its gradient TOKENS tokens (of batch x sequence) at a time: the output"
+            " embedding (lm_head) is applied per chunk inside the loss and recomputed in backward, so the full batch x"
+            " sequence x vocabulary logits, their fp32 copy, log-softmax and gradients never exist at once. Same loss"
+            " and gradients as upstream's (mean over the batch's labelled tokens), for one more lm_head matmul per"
+            " step. Measured for Llama-3-8B at batch 2 x 2,048 in bf16: logit-sized tensors peak at 5.87 GiB without,"
+            " 0.37 GiB with 256 (benchmarks/results/offload-and-chunked-loss-cpu.md). 0: upstream's loss on the full"
+            " logits. Gemma's soft-capping and Cohere's and Granite's logit scaling are reproduced; other changes to"
+            " the logits after lm_head, FSDP and DeepSpeed ZeRO-3 fall back to the full logits with a warning.",
+        )
     if text_to_image:
         group.add_argument(
             "--cache_text_encoder_outputs",
@@ -950,6 +975,7 @@ def validate_causal_lm_args(args: argparse.Namespace, parser: argparse.ArgumentP
         )
     _check_at_least(parser, "--per_device_train_batch_size", args.per_device_train_batch_size, 1)
     _check_at_least(parser, "--per_device_eval_batch_size", args.per_device_eval_batch_size, 1)
+    _check_at_least(parser, "--loss_chunk_size", args.loss_chunk_size, 0)
     _validate_shared_args(args, parser)
 
 

@@ -29,7 +29,18 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from diffusers_lowmem import adapters, data, evaluation, memory, peft_format, quantization, training
+from diffusers_lowmem import (
+    activation_offload,
+    adapters,
+    allocator,
+    chunked_loss,
+    data,
+    evaluation,
+    memory,
+    peft_format,
+    quantization,
+    training,
+)
 from diffusers_lowmem import args as arg_groups
 
 logger = get_logger(__name__, log_level="INFO")
@@ -230,8 +241,11 @@ def perplexity_of(eval_loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, eval_dataloader, accelerator, per_device_eval_batch_size: int) -> tuple[float, float]:
-    """Upstream's evaluation: the mean over batches of the batch loss, gathered over processes.
+def evaluate(
+    model, eval_dataloader, accelerator, per_device_eval_batch_size: int, loss_fn=chunked_loss.plain_loss
+) -> tuple[float, float]:
+    """Upstream's evaluation: the mean over batches of the batch loss (`loss_fn(model, batch)`; the trainer passes
+    its `--loss_chunk_size` loss, which never holds the full logits), gathered over processes.
 
     Returns:
         `(eval_loss, perplexity)`.
@@ -239,28 +253,30 @@ def evaluate(model, eval_dataloader, accelerator, per_device_eval_batch_size: in
     model.eval()
     losses = []
     for batch in eval_dataloader:
-        loss = model(**batch).loss.detach().float()
+        loss = loss_fn(model, batch).detach().float()
         losses.append(accelerator.gather_for_metrics(loss.repeat(per_device_eval_batch_size)))
     eval_loss = torch.cat(losses).mean().item()
     return eval_loss, perplexity_of(eval_loss)
 
 
 @torch.no_grad()
-def mean_eval_loss(model, eval_dataloader, device) -> float:
+def mean_eval_loss(model, eval_dataloader, device, loss_fn=chunked_loss.plain_loss) -> float:
     """The mean loss over every block of an unprepared (unsharded) eval loader, each batch weighted by its size: the
     number upstream's `evaluate` gives, computed by one process alone."""
     model.eval()
     total, count = 0.0, 0
     for batch in eval_dataloader:
         size = len(batch["input_ids"])
-        total += model(**{key: value.to(device) for key, value in batch.items()}).loss.item() * size
+        total += loss_fn(model, {key: value.to(device) for key, value in batch.items()}).item() * size
         count += size
     return total / count
 
 
-def record_evaluation(history: list, model, eval_dataloader, accelerator, args, step: int) -> None:
+def record_evaluation(
+    history: list, model, eval_dataloader, accelerator, args, step: int, loss_fn=chunked_loss.plain_loss
+) -> None:
     """`--eval_steps`: evaluates, logs `eval/loss` and `eval/perplexity` at `step` and keeps them for the summary."""
-    eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
+    eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size, loss_fn)
     history.append([step, eval_loss, perplexity])
     accelerator.log({"eval/loss": eval_loss, "eval/perplexity": perplexity}, step=step)
     logger.info(f"step {step}: perplexity: {perplexity} eval_loss: {eval_loss}")
@@ -311,6 +327,7 @@ def save_outputs(args, accelerator, network, model, tokenizer, results: dict, co
 
 def main(args: argparse.Namespace) -> dict:
     """Trains and returns a summary (global step, final loss, perplexity, output paths)."""
+    allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     accelerator = setup_accelerator(args)
     # Data first, as upstream: a bad file fails before the model is loaded or anything is written.
     try:
@@ -328,6 +345,7 @@ def main(args: argparse.Namespace) -> dict:
     training.seed_step(seed, -2)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
 
+    loss_fn = chunked_loss.CausalLMLoss(args.loss_chunk_size)  # the logits a chunk at a time (0: upstream's)
     tokenizer = load_tokenizer(args)
     model = load_model(args, weight_dtype, tokenizer)
     conv1d_modules = quantization.conv1d_to_linear_(model)  # GPT-2's Conv1D projections become nn.Linear
@@ -338,7 +356,7 @@ def main(args: argparse.Namespace) -> dict:
     unquantized_eval_loss = None
     if args.eval_steps and args.quant and not args.model_name_or_path.startswith(ARCHITECTURE_PREFIX):
         unquantized_eval_loss = evaluation.unquantized_loss(
-            [model], accelerator.device, lambda: mean_eval_loss(model, eval_dataloader, accelerator.device)
+            [model], accelerator.device, lambda: mean_eval_loss(model, eval_dataloader, accelerator.device, loss_fn)
         )
     # From here on the tracker's peak covers the run (the unquantized base's visit above is not part of it).
     tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
@@ -421,7 +439,7 @@ def main(args: argparse.Namespace) -> dict:
     eval_history = []  # [step, eval loss, perplexity] of --eval_steps
     quantization_scalars = {}
     if args.eval_steps:
-        record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step)
+        record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step, loss_fn)
         if global_step == 0 and args.quant:  # adapters start as the identity: this is the quantized base's loss
             quantization_scalars = evaluation.quantization_scalars(
                 eval_history[0][1], unquantized_eval_loss, {"llm": quant_report}
@@ -443,7 +461,8 @@ def main(args: argparse.Namespace) -> dict:
                 # Dropout of this micro-batch depends on (seed, epoch, batch) only, so a resumed run draws the same.
                 training.seed_step(seed, epoch * schedule.batches_per_epoch + batch_index)
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    with activation_offload.offload_activations(args.offload_activations):
+                        loss = loss_fn(model, batch)
                     if not training.loss_is_finite(loss, accelerator):
                         if not args.skip_nonfinite_loss:
                             raise training.nonfinite_loss_error(loss, global_step, checkpoint_root)
@@ -470,7 +489,7 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.log({"step_loss": step_loss, "lr": learning_rate}, step=global_step)
                 progress_bar.set_postfix(loss=step_loss, lr=learning_rate)
                 if args.eval_steps and global_step % args.eval_steps == 0:
-                    record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step)
+                    record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step, loss_fn)
                     model.train()
                 if isinstance(checkpointing, int) and global_step % checkpointing == 0:
                     training.save_checkpoint(
@@ -488,7 +507,9 @@ def main(args: argparse.Namespace) -> dict:
             if stopped_by:
                 break
 
-            eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
+            eval_loss, perplexity = evaluate(
+                model, eval_dataloader, accelerator, args.per_device_eval_batch_size, loss_fn
+            )
             logger.info(f"epoch {epoch}: perplexity: {perplexity} eval_loss: {eval_loss}")
             accelerator.log(
                 {
@@ -519,10 +540,10 @@ def main(args: argparse.Namespace) -> dict:
         return {"global_step": global_step, "stopped_by": stopped_by, "checkpoint": path, "weights": None}
 
     if args.eval_steps and eval_history[-1][0] != global_step:
-        record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step)
+        record_evaluation(eval_history, model, eval_dataloader, accelerator, args, global_step, loss_fn)
     if math.isnan(eval_loss):
         # No epoch ran (`--max_train_steps 0`, or resumed at the end): the results still give the model's perplexity.
-        eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size)
+        eval_loss, perplexity = evaluate(model, eval_dataloader, accelerator, args.per_device_eval_batch_size, loss_fn)
 
     # Save: the adapter (LyCORIS and peft formats), tokenizer, results and the memory report.
     accelerator.wait_for_everyone()
@@ -539,7 +560,8 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process and args.output_dir is not None:
         quant_summary = {"llm": quant_report.to_dict()} if quant_report is not None else {}
         summary.update(save_outputs(args, accelerator, network, model, tokenizer, results, conv1d_modules))
-        tracker.write_report(args.output_dir, extra={"quantization": quant_summary} if quant_summary else None)
+        report_extra = {"quantization": quant_summary} if quant_summary else {}
+        tracker.write_report(args.output_dir, extra={**report_extra, **allocator.report_entry()})
         training.write_json(
             Path(args.output_dir) / training.TRAINING_SUMMARY_NAME,
             {

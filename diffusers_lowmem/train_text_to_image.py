@@ -28,7 +28,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from diffusers_lowmem import adapters, data, evaluation, memory, quantization, training
+from diffusers_lowmem import activation_offload, adapters, allocator, data, evaluation, memory, quantization, training
 from diffusers_lowmem import args as arg_groups
 
 logger = get_logger(__name__, log_level="INFO")
@@ -543,6 +543,7 @@ def save_adapter_weights(args, networks, output_dir) -> Path:
 
 def main(args: argparse.Namespace) -> dict:
     """Trains and returns a summary (final loss, steps, output paths)."""
+    allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     accelerator = setup_accelerator(args)
     seed = training.resolve_seed(args.seed)
     resume_path = training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -731,7 +732,8 @@ def main(args: argparse.Namespace) -> dict:
                 # Noise, timesteps and dropout of this micro-batch depend on (seed, epoch, batch) only.
                 training.seed_step(seed, epoch * schedule.batches_per_epoch + batch_index)
                 with accelerator.accumulate(*trained_modules):
-                    loss = compute_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
+                    with activation_offload.offload_activations(args.offload_activations):
+                        loss = compute_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
                     if not training.loss_is_finite(loss, accelerator):
                         if not args.skip_nonfinite_loss:
                             raise training.nonfinite_loss_error(loss, global_step, args.output_dir)
@@ -809,7 +811,7 @@ def main(args: argparse.Namespace) -> dict:
     weights_path = None
     if accelerator.is_main_process:
         weights_path = save_adapter_weights(args, networks, args.output_dir)
-        tracker.write_report(args.output_dir)
+        tracker.write_report(args.output_dir, extra=allocator.report_entry())
         training.write_json(
             Path(args.output_dir) / training.TRAINING_SUMMARY_NAME,
             {

@@ -419,3 +419,33 @@ def test_push_to_hub_is_refused_before_training_when_the_hub_is_off(module, monk
     assert exit_info.value.code == 2 and "HF_HUB_OFFLINE is set" in capsys.readouterr().err
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert trainer.parse_args(argv).push_to_hub
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory savers: --loss_chunk_size (causal LM), --offload_activations (both)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_chunk_size_and_offload_activations_defaults_and_help():
+    from diffusers_lowmem.chunked_loss import DEFAULT_CHUNK_SIZE
+
+    causal = causal_lm_parser()
+    args = causal.parse_args([])
+    assert (args.loss_chunk_size, args.offload_activations) == (DEFAULT_CHUNK_SIZE, False)
+    assert causal.parse_args(["--loss_chunk_size", "0", "--offload_activations"]).loss_chunk_size == 0
+    help_text = " ".join(causal.format_help().split())
+    memory_group = help_text[help_text.index("Memory:") :]
+    assert "--loss_chunk_size TOKENS" in memory_group and "--offload_activations" in memory_group
+    assert "0.37 GiB with 256" in help_text and "0: upstream's loss on the full logits" in help_text
+
+    text_to_image = text_to_image_parser()
+    argv = ["--pretrained_model_name_or_path", "x"]
+    assert text_to_image.parse_args([*argv, "--offload_activations"]).offload_activations
+    assert not hasattr(text_to_image.parse_args(argv), "loss_chunk_size")
+    help_text = " ".join(text_to_image.format_help().split())
+    assert "--offload_activations" in help_text[help_text.index("Memory:") :]
+    assert "host memory" in help_text
+
+
+def test_negative_loss_chunk_size_is_refused(text_file, capsys):
+    assert_usage_error(parse_causal_lm, _clm(text_file, "--loss_chunk_size", "-1"), capsys, "--loss_chunk_size -1")

@@ -367,3 +367,41 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_llama_path, tiny_text
     checkpoints = list_checkpoints(tmp_path)
     assert len(checkpoints) == 1
     assert f"Stopped by SIGTERM at step {checkpoints[0].name.split('-')[1]}; saved {checkpoints[0]}" in output
+
+
+def test_chunked_loss_trains_the_same_adapter_as_upstreams_loss(tiny_llama_path, tiny_text_path, tmp_path):
+    """--loss_chunk_size (on by default) against upstream's loss on the full logits: the same losses, eval loss and
+    adapter, in fp32 and with gradient checkpointing."""
+    common = ["--adapter", "lora", "--max_train_steps", "3", "--gradient_checkpointing", "--loss_chunk_size"]
+    upstream = run(train_argv(tiny_llama_path, tiny_text_path, tmp_path / "upstream", *common, "0"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    chunked = run(train_argv(tiny_llama_path, tiny_text_path, tmp_path / "chunked", *common, "5"))
+    assert chunked["loss"] == pytest.approx(upstream["loss"], rel=1e-5)
+    assert chunked["eval_loss"] == pytest.approx(upstream["eval_loss"], rel=1e-5)
+    reference = load_file(tmp_path / "upstream" / adapters.LYCORIS_WEIGHT_NAME)
+    weights = load_file(tmp_path / "chunked" / adapters.LYCORIS_WEIGHT_NAME)
+    assert weights.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(weights[key], reference[key], atol=1e-6, rtol=1e-5)
+
+
+def test_offload_activations_trains_the_same_adapter_and_reports_the_allocator(
+    tiny_llama_path, tiny_text_path, tmp_path, monkeypatch
+):
+    from diffusers_lowmem import allocator
+
+    for name in allocator.ALLOC_CONF_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    common = ["--adapter", "lokr", "--max_train_steps", "2", "--gradient_checkpointing", "--mixed_precision", "bf16"]
+    run(train_argv(tiny_llama_path, tiny_text_path, tmp_path / "plain", *common))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(train_argv(tiny_llama_path, tiny_text_path, tmp_path / "offload", *common, "--offload_activations"))
+    reference = load_file(tmp_path / "plain" / adapters.LYCORIS_WEIGHT_NAME)
+    weights = load_file(tmp_path / "offload" / adapters.LYCORIS_WEIGHT_NAME)
+    assert all(torch.equal(weights[key], reference[key]) for key in reference)
+    report = json.loads((tmp_path / "offload" / "memory_report.json").read_text())
+    assert report["allocator"] == {
+        "variable": "PYTORCH_CUDA_ALLOC_CONF",
+        "value": "expandable_segments:True",
+        "set_by": "diffusers_lowmem",
+    }
