@@ -13,8 +13,11 @@ The text side mirrors transformers' `run_clm_no_trainer.py`: load, tokenize, con
 
 from __future__ import annotations
 
+import csv
 import inspect
+import json
 import logging
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -110,7 +113,16 @@ def load_image_caption_dataset(
             )
         dataset = _train_split(loaded, dataset_name)
     elif train_data_dir is not None:
-        loaded = datasets.load_dataset("imagefolder", data_dir=str(train_data_dir), cache_dir=cache_dir)
+        try:
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(train_data_dir), cache_dir=cache_dir)
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
+            # pyarrow refuses a metadata.jsonl whose captions change type ("changed from string to number in row
+            # 2", counting rows from 0 and naming no file): name the file and line instead.
+            mismatch = _mismatched_caption_line(str(train_data_dir), caption_column)
+            raise ValueError(
+                f"Cannot read the captions of {train_data_dir}: {mismatch or error}. Every line of metadata.jsonl"
+                f' needs "{caption_column}" as a string (or, on every line, a list of strings).'
+            ) from error
         dataset = _train_split(loaded, train_data_dir)
     else:
         raise ValueError("Give a dataset: --dataset_name (hub name or local path) or --train_data_dir (image folder).")
@@ -124,6 +136,44 @@ def load_image_caption_dataset(
     _check_column("image_column", image_column, dataset.column_names)
     _check_column("caption_column", caption_column, dataset.column_names, hint)
     return dataset
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object", type(None): "null"}.get(type(value), "a value")
+
+
+def _mismatched_caption_line(train_data_dir: str, caption_column: str) -> str | None:
+    """`"<file> line N: "text" is a number (5) where line 1 has a string"` for the first line of an image folder's
+    metadata.jsonl whose caption is of another JSON type than the first line's (nulls aside), or None."""
+    for root, _, files in sorted(os.walk(train_data_dir)):
+        if "metadata.jsonl" not in files:
+            continue
+        path = os.path.join(root, "metadata.jsonl")
+        first_kind = None
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    if line.strip():
+                        return f"{path} line {number} is not JSON: {line.strip()[:60]!r}"
+                    continue
+                if not isinstance(row, dict) or row.get(caption_column) is None:
+                    continue
+                kind = _json_kind(row[caption_column])
+                if first_kind is None:
+                    first_kind, first_number = kind, number
+                elif kind != first_kind:
+                    value = json.dumps(row[caption_column])[:40]
+                    return (
+                        f'{path} line {number}: "{caption_column}" is {kind} ({value}) where line {first_number} has'
+                        f" {first_kind}"
+                    )
+    return None
 
 
 def interpolation_from_name(name: str) -> Image.Resampling:
@@ -305,6 +355,37 @@ class ImagePreprocessor:
         return self.preprocess(image)[0]
 
 
+def _describe_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    text = repr(value)
+    return f"{text if len(text) <= 40 else text[:37] + '...'} ({type(value).__name__})"
+
+
+def caption_problem(caption) -> str | None:
+    """What makes `caption` unusable as a caption, or None when it is one: a string (empty included, as upstream),
+    or a non-empty list or array of strings to pick from.
+
+    Args:
+        caption: A value of the caption column.
+
+    Returns:
+        None, or words for the value, e.g. "null", "NaN", "42 (int)", "an empty list", "a list holding null".
+    """
+    if isinstance(caption, str):
+        return None
+    if isinstance(caption, (list, tuple, np.ndarray)):
+        if len(caption) == 0:
+            return "an empty list"
+        for item in caption:
+            if not isinstance(item, str):
+                return f"a list holding {_describe_value(item)}"
+        return None
+    return _describe_value(caption)
+
+
 def choose_caption(caption, is_train: bool = True, caption_column: str = "text") -> str:
     """Picks the caption to train on, as upstream: a string as is, one of several at random when training.
 
@@ -317,16 +398,16 @@ def choose_caption(caption, is_train: bool = True, caption_column: str = "text")
         One caption.
 
     Raises:
-        ValueError: The caption is neither a string nor a list or array.
+        ValueError: The caption is not a string or a non-empty list or array of strings (`caption_problem`).
     """
+    problem = caption_problem(caption)
+    if problem is not None:
+        raise ValueError(
+            f"Caption column `{caption_column}` should contain either strings or lists of strings, got {problem}."
+        )
     if isinstance(caption, str):
         return caption
-    if isinstance(caption, (list, np.ndarray)):
-        return random.choice(caption) if is_train else caption[0]
-    raise ValueError(
-        f"Caption column `{caption_column}` should contain either strings or lists of strings, "
-        f"got {type(caption).__name__}."
-    )
+    return random.choice(caption) if is_train else caption[0]
 
 
 def tokenize_captions(captions: Sequence, tokenizer, is_train: bool = True, caption_column: str = "text"):
@@ -452,6 +533,123 @@ def drop_unreadable_images(
     return dataset.select(readable)
 
 
+# The caption files of an `imagefolder` data set, as `datasets` looks for them beside (or above) the images.
+_METADATA_FILE_NAMES = ("metadata.jsonl", "metadata.csv")
+# How many folders above an image a caption file may sit (imagefolder allows one per folder or one at the root).
+_MAX_METADATA_DEPTH = 8
+
+
+def _metadata_line(image_path: str | None) -> str | None:
+    """`"<folder>/metadata.jsonl line N"` for an image of an `imagefolder` data set: the caption file and line that
+    describe it, found beside the image or in a folder above; None if there is none (a hub or saved data set)."""
+    if not image_path or not os.path.isfile(image_path):
+        return None
+    folder = os.path.dirname(os.path.abspath(image_path))
+    for _ in range(_MAX_METADATA_DEPTH):
+        for name in _METADATA_FILE_NAMES:
+            metadata_path = os.path.join(folder, name)
+            if os.path.isfile(metadata_path):
+                relative = os.path.relpath(os.path.abspath(image_path), folder).replace(os.sep, "/")
+                line = _line_of_file_name(metadata_path, relative)
+                return metadata_path if line is None else f"{metadata_path} line {line}"
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return None
+
+
+def _line_of_file_name(metadata_path: str, file_name: str) -> int | None:
+    """The 1-based line of `metadata_path` whose `file_name` is `file_name`, or None."""
+    try:
+        with open(metadata_path, encoding="utf-8", newline="") as handle:
+            if metadata_path.endswith(".csv"):
+                reader = csv.DictReader(handle)
+                for row in reader:
+                    if row.get("file_name") == file_name:
+                        return reader.line_num
+                return None
+            for number, line in enumerate(handle, start=1):
+                try:
+                    if json.loads(line).get("file_name") == file_name:
+                        return number
+                except (ValueError, AttributeError):
+                    continue
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return None
+
+
+def _bad_caption_rows(
+    dataset: datasets.Dataset, caption_column: str, image_column: str | None
+) -> list[tuple[int, str]]:
+    """`(index, name)` of the rows whose caption is unusable; names read `"row <index> (<caption file and line, or
+    image path>): <why>"`."""
+    columns = [caption_column] + ([image_column] if image_column is not None else [])
+    bad, index = [], 0
+    for batch in dataset.select_columns(columns).iter(batch_size=256):
+        for position, caption in enumerate(batch[caption_column]):
+            problem = caption_problem(caption)
+            if problem is not None:
+                image = batch[image_column][position] if image_column is not None else None
+                path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+                where = _metadata_line(path) or path
+                bad.append((index, f"row {index} ({where}): {problem}" if where else f"row {index}: {problem}"))
+            index += 1
+    return bad
+
+
+def drop_bad_captions(
+    dataset: datasets.Dataset, caption_column: str = "text", image_column: str | None = "image", strict: bool = False
+) -> datasets.Dataset:
+    """Removes the rows whose caption is unusable (`caption_problem`: null, NaN, a number, an empty list, a list
+    holding a non-string, ...), with one warning naming them as `drop_unreadable_images` does for images.
+
+    Rows of an `imagefolder` data set are named by their caption file and line (`metadata.jsonl line 3`), others by
+    their row index and image path.
+
+    Args:
+        dataset: The dataset; the image column is best undecoded (`Image(decode=False)`), so that no image is opened
+            here and each row's image path is at hand.
+        caption_column: Column holding the captions.
+        image_column: Column holding the images, to name the rows by their file; None to name them by index only.
+        strict: Reject the dataset instead, naming the bad rows.
+
+    Returns:
+        The dataset without those rows (the same object when every caption is usable).
+
+    Raises:
+        ValueError: No caption is usable, or some are not and `strict` is set.
+    """
+    bad = _bad_caption_rows(dataset, caption_column, image_column)
+    if not bad:
+        return dataset
+    named = "; ".join(name for _, name in bad[:_MAX_NAMED_CORRUPT_IMAGES])
+    if len(bad) > _MAX_NAMED_CORRUPT_IMAGES:
+        named += f"; ... ({len(bad) - _MAX_NAMED_CORRUPT_IMAGES} more)"
+    fix = "a caption is a string, or a non-empty list of strings to pick from"
+    if len(bad) == len(dataset):
+        raise ValueError(
+            f"No row of the dataset has a usable caption in column '{caption_column}' ({fix}): {named}. Check the "
+            "captions, or --caption_column."
+        )
+    if strict:
+        raise ValueError(
+            f"{len(bad)} of {len(dataset)} captions in column '{caption_column}' are not usable ({fix}): {named}. "
+            "Fix or remove those rows, or drop --strict_data to skip them with a warning."
+        )
+    logger.warning(
+        "Dropping %d of %d rows whose caption in column '%s' is not usable (%s): %s.",
+        len(bad),
+        len(dataset),
+        caption_column,
+        fix,
+        named,
+    )
+    bad_rows = {index for index, _ in bad}
+    return dataset.select([index for index in range(len(dataset)) if index not in bad_rows])
+
+
 class TextToImageDataset(torch.utils.data.Dataset):
     """Image-caption rows preprocessed on every fetch, so crops, flips and caption choices change each epoch.
 
@@ -501,8 +699,9 @@ def make_text_to_image_dataset(
 ) -> TextToImageDataset:
     """The training dataset of the text-to-image trainer: upstream's `preprocess_train`, applied per fetch.
 
-    Rows whose image cannot be decoded are dropped first, with one warning (`drop_unreadable_images`; it decodes
-    every image once, which suits the small datasets LoRA trains on).
+    Rows whose caption is unusable (`drop_bad_captions`: null, NaN, not a string, an empty list, ...), then rows whose
+    image cannot be decoded (`drop_unreadable_images`; it decodes every image once, which suits the small datasets
+    LoRA trains on) are dropped first, each kind with one warning naming the rows; `strict` refuses them instead.
 
     Args:
         raw_dataset: The train split, e.g. from `load_image_caption_dataset`.
@@ -511,16 +710,19 @@ def make_text_to_image_dataset(
         image_column: Column holding the images.
         caption_column: Column holding the captions.
         max_train_samples: Keep this many rows, chosen as upstream: `shuffle(seed=seed).select(range(n))`
-            (at most all rows). Unreadable images are dropped after this choice.
+            (at most all rows). Bad captions and unreadable images are dropped after this choice.
         seed: Seed of that shuffle.
-        strict: Reject the dataset when an image cannot be read, instead of dropping its row.
+        strict: Reject the dataset when a caption is unusable or an image cannot be read, instead of dropping the
+            row.
 
     Returns:
         A `torch.utils.data.Dataset` of dicts (see `TextToImageDataset`); batch them with `collate_text_to_image`.
-        Its `skipped_images` holds the number of rows dropped for an unreadable image.
+        Its `skipped_captions` and `skipped_images` hold the numbers of rows dropped for an unusable caption and for
+        an unreadable image.
 
     Raises:
-        ValueError: A column is missing, no image is readable, or (with `strict`) one is not.
+        ValueError: A column is missing, no caption is usable or no image readable, or (with `strict`) one is not;
+            the message names the rows (for an image folder, the caption file and line).
     """
     _check_column("image_column", image_column, raw_dataset.column_names)
     _check_column("caption_column", caption_column, raw_dataset.column_names)
@@ -535,9 +737,11 @@ def make_text_to_image_dataset(
         # Rows are fetched undecoded and decoded by `load_rgb_image`, the same path that checks them once here. The
         # feature's `mode` is not applied: `to_rgb` gives every image the RGB a person sees.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    readable = drop_unreadable_images(dataset, image_column, strict=strict)
+    captioned = drop_bad_captions(dataset, caption_column, image_column, strict=strict)
+    readable = drop_unreadable_images(captioned, image_column, strict=strict)
     text_to_image = TextToImageDataset(readable, tokenizers, preprocessor, image_column, caption_column)
-    text_to_image.skipped_images = len(dataset) - len(readable)
+    text_to_image.skipped_captions = len(dataset) - len(captioned)
+    text_to_image.skipped_images = len(captioned) - len(readable)
     return text_to_image
 
 
@@ -654,10 +858,13 @@ def load_text_datasets(
         trust_remote_code: Allow dataset scripts, where the installed `datasets` still runs them.
 
     Returns:
-        A `DatasetDict` with `train` and `validation`.
+        A `DatasetDict` with `train` and `validation`. Rows whose text is not a string (null, NaN, ...) are dropped
+        with one warning naming their file and line (`drop_bad_text_rows`).
 
     Raises:
-        ValueError: No source, or a file of an unknown kind.
+        ValueError: No source, a file of an unknown kind, no train split, a split with no text at all, or a
+            `validation_split_percentage` that leaves no validation or no train row (the message names the flag and
+            the smallest percentage that holds a row out).
     """
     if dataset_name is not None:
         path, name, load_kwargs = dataset_name, dataset_config_name, _remote_code_kwargs(trust_remote_code)
@@ -670,15 +877,82 @@ def load_text_datasets(
         raise ValueError("Give a dataset: --dataset_name, or --train_file and/or --validation_file (txt, csv, json).")
 
     raw_datasets = datasets.load_dataset(path, name, cache_dir=cache_dir, **load_kwargs)
-    if "validation" not in raw_datasets:
-        percent = validation_split_percentage
-        raw_datasets["validation"] = datasets.load_dataset(
-            path, name, split=f"train[:{percent}%]", cache_dir=cache_dir, **load_kwargs
+    if "train" not in raw_datasets:
+        raise ValueError(
+            f"{dataset_name or validation_file} has no train split: pass --train_file (or a dataset with a train split)."
         )
-        raw_datasets["train"] = datasets.load_dataset(
-            path, name, split=f"train[{percent}%:]", cache_dir=cache_dir, **load_kwargs
+    sources = {"train": dataset_name or train_file, "validation": dataset_name or validation_file}
+    for split in list(raw_datasets):
+        raw_datasets[split] = drop_bad_text_rows(raw_datasets[split], sources.get(split) or split)
+    if "validation" not in raw_datasets:
+        raw_datasets["validation"], raw_datasets["train"] = _split_off_validation(
+            raw_datasets["train"], validation_split_percentage, sources["train"]
         )
     return raw_datasets
+
+
+def _split_off_validation(train: datasets.Dataset, percent: int, source: str) -> tuple[datasets.Dataset, ...]:
+    """`(train[:percent%], train[percent%:])` with `datasets`' rounding of percent slices, refusing an empty side."""
+    num_rows = len(train)
+    held_out = int(round(percent * num_rows / 100.0))  # `datasets`' "closest" rounding of `train[:p%]`
+    if held_out == 0:
+        enough = next((p for p in range(1, 100) if int(round(p * num_rows / 100.0)) >= 1), None)
+        what = f"--validation_split_percentage {enough} or more, or" if enough else "more rows, or"
+        raise ValueError(
+            f"--validation_split_percentage {percent} of the {num_rows} rows of {source} holds out no row for"
+            f" validation: pass {what} a --validation_file."
+        )
+    if held_out == num_rows:
+        raise ValueError(
+            f"--validation_split_percentage {percent} of the {num_rows} rows of {source} leaves no row to train on:"
+            " pass a smaller --validation_split_percentage, or a --validation_file."
+        )
+    return train.select(range(held_out)), train.select(range(held_out, num_rows))
+
+
+def _row_name(source: str, index: int) -> str:
+    """A row of a text data file as its editor shows it: a line of .txt/.jsonl, a line after the header of .csv."""
+    extension = str(source).rsplit(".", 1)[-1].lower()
+    if os.path.isfile(str(source)) and extension in ("txt", "jsonl"):
+        return f"line {index + 1}"
+    if os.path.isfile(str(source)) and extension == "csv":
+        return f"line {index + 2}"
+    return f"row {index}"
+
+
+def drop_bad_text_rows(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
+    """Removes the rows whose text (`text_column_name`) is not a string (null, NaN, a number, ...), with one warning
+    naming them by file and line, as the image-caption data drops unusable captions.
+
+    Args:
+        dataset: One split of raw text.
+        source: Its file (or dataset name), for the messages.
+
+    Returns:
+        The split without those rows (the same object when every row is text).
+
+    Raises:
+        ValueError: No row holds text; the message names the column and the first rows.
+    """
+    column = text_column_name(dataset)
+    bad, index = [], 0
+    for batch in dataset.select_columns([column]).iter(batch_size=1000):
+        for value in batch[column]:
+            if not isinstance(value, str):
+                bad.append((index, f"{_row_name(source, index)}: {_describe_value(value)}"))
+            index += 1
+    if not bad:
+        return dataset
+    named = "; ".join(name for _, name in bad[:_MAX_NAMED_CORRUPT_IMAGES])
+    if len(bad) > _MAX_NAMED_CORRUPT_IMAGES:
+        named += f"; ... ({len(bad) - _MAX_NAMED_CORRUPT_IMAGES} more)"
+    if len(bad) == len(dataset):
+        raise ValueError(f"No row of {source} holds text in column '{column}' ({named}): check the file.")
+    logger.warning(
+        "Dropping %d of %d rows of %s whose '%s' is not text: %s.", len(bad), len(dataset), source, column, named
+    )
+    bad_rows = {row for row, _ in bad}
+    return dataset.select([row for row in range(len(dataset)) if row not in bad_rows])
 
 
 def text_column_name(dataset) -> str:
@@ -694,13 +968,43 @@ def text_column_name(dataset) -> str:
     return "text" if "text" in column_names else column_names[0]
 
 
+# Config fields holding a model's number of positions, by family (transformers maps GPT-2's `n_positions` to
+# `max_position_embeddings` too, but a config read as a plain dict keeps the family's own name).
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def _config_value(config, name: str):
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def max_positions(config) -> int | None:
+    """The number of token positions a model's config allows (`max_position_embeddings`, GPT-2's `n_positions`, ...).
+
+    Args:
+        config: A `transformers` config, or its `config.json` as a dict.
+
+    Returns:
+        The number of positions, or None when the config sets none (e.g. ALiBi or rotary models without a limit).
+    """
+    for name in _POSITION_FIELDS:
+        value = _config_value(config, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def resolve_block_size(tokenizer, block_size: int | None = None, max_position_embeddings: int | None = None) -> int:
-    """The length of the training blocks, as upstream.
+    """The length of the training blocks: upstream's rule, and never more than the model's positions.
+
+    As upstream, the default is min(1024, the tokenizer's `model_max_length`) and a `--block_size` above
+    `model_max_length` is clamped to it with a warning. A block longer than the model's positions would fail at the
+    first step (`IndexError: index out of range in self` in the position embedding), so it is clamped the same way,
+    with a warning naming `--block_size` and the limit.
 
     Args:
         tokenizer: The tokenizer; its `model_max_length` bounds the block.
-        block_size: The requested length; None for min(1024, model_max_length).
-        max_position_embeddings: The model's number of positions; when given, the default block is no longer.
+        block_size: The requested length (`--block_size`); None for the default.
+        max_position_embeddings: The model's number of positions (`max_positions(config)`), or None for no limit.
 
     Returns:
         The block size.
@@ -725,7 +1029,77 @@ def resolve_block_size(tokenizer, block_size: int | None = None, max_position_em
             model_max_length,
             model_max_length,
         )
-    return min(block_size, model_max_length)
+        block_size = model_max_length
+    if max_position_embeddings is not None and block_size > max_position_embeddings:
+        logger.warning(
+            "--block_size %d is more than the model's %d positions (max_position_embeddings of its config); using "
+            "block_size=%d. Pass --block_size %d or less.",
+            block_size,
+            max_position_embeddings,
+            max_position_embeddings,
+            max_position_embeddings,
+        )
+        block_size = max_position_embeddings
+    return block_size
+
+
+def vae_scale_factor(vae_config) -> int:
+    """How many pixels one latent stands for along a side: 2 ** (len(block_out_channels) - 1), as diffusers' pipelines.
+
+    Args:
+        vae_config: The VAE's config (an object or its `config.json` dict).
+
+    Returns:
+        The factor (8 for Stable Diffusion).
+    """
+    block_out_channels = _config_value(vae_config, "block_out_channels") or [0] * 4
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def check_text_to_image_limits(resolution: int, tokenizers: Sequence, text_encoder_configs: dict, vae_config) -> None:
+    """Refuses, before any model is loaded, data the models' configs cannot take, all problems in one message.
+
+    - `--resolution` must be a multiple of the VAE's scale factor (`vae_scale_factor`): latents of another size
+      train, but the pipeline refuses the size (validation images, inference).
+    - Each tokenizer pads captions to its `model_max_length`, which must not exceed its text encoder's positions
+      (`max_position_embeddings`), or the text encoder fails with an `IndexError` at the first step.
+    - Each tokenizer's ids must have rows in its text encoder's embedding (`len(tokenizer)` <= `vocab_size`).
+
+    Args:
+        resolution: `--resolution`, in pixels.
+        tokenizers: One tokenizer per text encoder, in the order of `text_encoder_configs`.
+        text_encoder_configs: `{role: config}` (objects or `config.json` dicts), e.g. `{"text_encoder": ...}`.
+        vae_config: The VAE's config.
+
+    Raises:
+        ValueError: Any of the above; the message names the flag or file and what to pass.
+    """
+    problems = []
+    scale = vae_scale_factor(vae_config)
+    if resolution % scale:
+        lower, upper = resolution // scale * scale, (resolution // scale + 1) * scale
+        choices = f"{lower} or {upper}" if lower else str(upper)
+        problems.append(
+            f"--resolution {resolution} is not a multiple of {scale}, the VAE's scale factor (2 ** (len("
+            f"block_out_channels) - 1) in vae/config.json): pass --resolution {choices}"
+        )
+    for (role, config), tokenizer in zip(text_encoder_configs.items(), tokenizers):
+        tokenizer_folder = role.replace("text_encoder", "tokenizer")
+        positions = max_positions(config)
+        if positions is not None and tokenizer.model_max_length > positions:
+            problems.append(
+                f"{tokenizer_folder} pads captions to {tokenizer.model_max_length} tokens (model_max_length) but"
+                f" {role} has {positions} positions (max_position_embeddings): set model_max_length to {positions} in"
+                f" {tokenizer_folder}/tokenizer_config.json"
+            )
+        vocab_size = _config_value(config, "vocab_size")
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            problems.append(
+                f"{tokenizer_folder} has {len(tokenizer)} tokens but {role} embeds {vocab_size} (vocab_size): use the"
+                f" tokenizer the text encoder was trained with"
+            )
+    if problems:
+        raise ValueError("The model cannot take this data: " + "; ".join(problems) + ".")
 
 
 def group_texts(examples: dict, block_size: int) -> dict:

@@ -4,6 +4,7 @@ reproducible augmentations, corrupt images dropped, and token blocks of the requ
 import json
 import logging
 import random
+import re
 import shutil
 
 import datasets
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import ExifTags, Image
-from transformers import AutoTokenizer, CLIPTokenizer
+from transformers import AutoConfig, AutoTokenizer, CLIPTokenizer
 
 from diffusers_lowmem import data
 
@@ -496,6 +497,115 @@ def test_caption_of_another_type_raises(clip_tokenizer):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Bad captions: every row's value checked when the dataset is built, named by its file and line.
+# --------------------------------------------------------------------------------------------------------------------
+
+BAD_CAPTIONS = {
+    "null": (None, "null"),
+    "NaN": (float("nan"), "NaN"),
+    "number": (42, "42 (int)"),
+    "empty list": ([], "an empty list"),
+    "list holding null": (["a cat", None], "a list holding null"),
+    "list holding a number": (["a cat", 3.5], "a list holding 3.5 (float)"),
+    "object": ({"en": "a cat"}, "{'en': 'a cat'} (dict)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CAPTIONS))
+def test_caption_problem_names_each_kind(kind):
+    value, words = BAD_CAPTIONS[kind]
+    assert data.caption_problem(value) == words
+    with pytest.raises(ValueError, match=re.escape(f"got {words}")):
+        data.choose_caption(value)
+
+
+@pytest.mark.parametrize("caption", ["a cat", "", ["a cat", "a dog"], np.array(["a cat"]), ("a", "b")])
+def test_strings_and_lists_of_strings_are_captions(caption):
+    assert data.caption_problem(caption) is None
+
+
+def folder_with_captions(tiny_images_path, destination, captions: dict):
+    """A copy of the tiny image folder whose metadata.jsonl gives rows `captions` ({line index: value}) instead."""
+    shutil.copytree(tiny_images_path, destination)
+    lines = (destination / "metadata.jsonl").read_text().splitlines()
+    for index, value in captions.items():
+        row = json.loads(lines[index])
+        row["text"] = value
+        lines[index] = json.dumps(row)
+    (destination / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return destination
+
+
+def test_null_captions_are_dropped_with_their_file_and_line(
+    tiny_images_path, tmp_path, cache_dir, clip_tokenizer, caplog
+):
+    folder = folder_with_captions(tiny_images_path, tmp_path / "images", {2: None, 5: None})
+    raw = data.load_image_caption_dataset(train_data_dir=folder, cache_dir=cache_dir)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    dataset = data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(32))
+    assert (len(dataset), dataset.skipped_captions, dataset.skipped_images) == (6, 2, 0)
+    assert None not in list(dataset.dataset["text"])
+    metadata = folder / "metadata.jsonl"
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert "Dropping 2 of 8 rows whose caption in column 'text' is not usable" in warning
+    assert f"{metadata} line 3): null" in warning and f"{metadata} line 6): null" in warning
+    for index in range(len(dataset)):  # every row left is fetched and tokenized
+        assert dataset[index]["input_ids"].shape == (77,)
+
+
+def test_strict_refuses_a_null_caption_by_file_and_line(tiny_images_path, tmp_path, cache_dir, clip_tokenizer):
+    folder = folder_with_captions(tiny_images_path, tmp_path / "images", {2: None})
+    raw = data.load_image_caption_dataset(train_data_dir=folder, cache_dir=cache_dir)
+    with pytest.raises(ValueError) as error:
+        data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(32), strict=True)
+    message = str(error.value)
+    assert "1 of 8 captions in column 'text' are not usable" in message
+    assert f"row 2 ({folder / 'metadata.jsonl'} line 3): null" in message and "--strict_data" in message
+
+
+def test_list_captions_with_an_empty_list_or_a_null_entry_are_dropped(clip_tokenizer, caplog):
+    images = [noise_image(8, 8, seed=seed) for seed in range(4)]
+    captions = [["a", "b"], [], ["c", None], ["d"]]
+    raw = datasets.Dataset.from_dict({"image": images, "text": captions}).cast_column("image", datasets.Image())
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    dataset = data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(8))
+    assert list(dataset.dataset["text"]) == [["a", "b"], ["d"]]
+    assert "row 1: an empty list; row 2: a list holding null" in caplog.text
+
+
+def test_a_csv_caption_file_with_an_empty_field_is_named_by_line(
+    tiny_images_path, tmp_path, cache_dir, clip_tokenizer
+):
+    folder = tmp_path / "images"
+    shutil.copytree(tiny_images_path, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").unlink()
+    lines = ["file_name,text"] + [
+        f"{row['file_name']},{'' if index == 4 else row['text']}" for index, row in enumerate(rows)
+    ]
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    raw = data.load_image_caption_dataset(train_data_dir=folder, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'metadata.csv'} line 6): null")):
+        data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(32), strict=True)
+
+
+def test_only_bad_captions_raise(tiny_images_path, tmp_path, cache_dir, clip_tokenizer):
+    folder = folder_with_captions(tiny_images_path, tmp_path / "images", dict.fromkeys(range(8)))
+    raw = data.load_image_caption_dataset(train_data_dir=folder, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="No row of the dataset has a usable caption in column 'text'"):
+        data.make_text_to_image_dataset(raw, [clip_tokenizer], data.ImagePreprocessor(32))
+
+
+@pytest.mark.parametrize("value, kind", [(5, "a number"), (["a", None], "a list"), (float("nan"), "a number")])
+def test_a_caption_of_another_json_type_is_named_by_file_and_line(tiny_images_path, tmp_path, cache_dir, value, kind):
+    folder = folder_with_captions(tiny_images_path, tmp_path / "images", {3: value})
+    with pytest.raises(ValueError) as error:
+        data.load_image_caption_dataset(train_data_dir=folder, cache_dir=cache_dir)
+    assert f'{folder / "metadata.jsonl"} line 4: "text" is {kind}' in str(error.value)
+    assert "where line 1 has a string" in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The text-to-image dataset.
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -660,6 +770,62 @@ def test_text_sources_are_checked(tmp_path):
         data.load_text_datasets(train_file=str(tmp_path / "train.parquet"))
 
 
+def test_text_rows_that_are_not_text_are_dropped_by_line(tmp_path, cache_dir, caplog):
+    rows = [{"text": "one two three"}, {"text": None}, {"text": "four five"}, {"text": None}, {"text": "six"}]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"text": "seven"}) + "\n")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    raw = data.load_text_datasets(
+        train_file=str(train_file), validation_file=str(tmp_path / "validation.jsonl"), cache_dir=cache_dir
+    )
+    assert list(raw["train"]["text"]) == ["one two three", "four five", "six"]
+    assert f"Dropping 2 of 5 rows of {train_file} whose 'text' is not text: line 2: null; line 4: null" in caplog.text
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": None}) + "\n")
+    with pytest.raises(ValueError, match="No row of .*empty.jsonl holds text in column 'text'"):
+        data.load_text_datasets(train_file=str(tmp_path / "empty.jsonl"), cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize(
+    "percent, rows, expected", [(0, 600, "1 or more"), (5, 3, "17 or more"), (1, 49, "2 or more")]
+)
+def test_a_validation_split_percentage_that_holds_out_nothing_names_the_flag(
+    tmp_path, cache_dir, percent, rows, expected
+):
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("".join(f"line {index}\n" for index in range(rows)))
+    with pytest.raises(ValueError) as error:
+        data.load_text_datasets(train_file=str(train_file), validation_split_percentage=percent, cache_dir=cache_dir)
+    message = str(error.value)
+    assert f"--validation_split_percentage {percent} of the {rows} rows of {train_file} holds out no row" in message
+    assert f"pass --validation_split_percentage {expected}, or a --validation_file" in message
+    smallest = int(expected.split()[0])
+    raw = data.load_text_datasets(
+        train_file=str(train_file), validation_split_percentage=smallest, cache_dir=cache_dir
+    )
+    assert len(raw["validation"]) >= 1 and len(raw["validation"]) + len(raw["train"]) == rows
+
+
+def test_a_validation_split_percentage_that_leaves_no_train_row_names_the_flag(tmp_path, cache_dir):
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("only line\n")
+    with pytest.raises(ValueError, match="--validation_split_percentage 99 of the 1 rows .* leaves no row to train"):
+        data.load_text_datasets(train_file=str(train_file), validation_split_percentage=99, cache_dir=cache_dir)
+
+
+def test_percent_split_equals_datasets_slicing(tmp_path, cache_dir):
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("".join(f"line {index}\n" for index in range(37)))
+    for percent in (3, 10, 50):
+        raw = data.load_text_datasets(
+            train_file=str(train_file), validation_split_percentage=percent, cache_dir=cache_dir
+        )
+        sliced = datasets.load_dataset(
+            "text", data_files=str(train_file), split=f"train[:{percent}%]", cache_dir=cache_dir, keep_linebreaks=True
+        )
+        assert list(raw["validation"]["text"]) == list(sliced["text"])
+
+
 def test_text_column_is_text_or_the_first():
     assert data.text_column_name(datasets.Dataset.from_dict({"id": [1], "text": ["a"]})) == "text"
     assert data.text_column_name(datasets.Dataset.from_dict({"body": ["a"], "title": ["b"]})) == "body"
@@ -697,3 +863,57 @@ def test_block_size_rules(tiny_llama_path, caplog):
     assert data.resolve_block_size(tokenizer) == 1024
     assert data.resolve_block_size(tokenizer, max_position_embeddings=128) == 128
     assert data.resolve_block_size(tokenizer, 4096) == 4096
+
+
+def test_block_size_never_exceeds_the_models_positions(tiny_gpt2_path, caplog):
+    config = AutoConfig.from_pretrained(tiny_gpt2_path)
+    config.n_positions = 64
+    assert data.max_positions(config) == 64  # GPT-2's n_positions, through transformers' attribute map
+    assert data.max_positions({"n_positions": 64, "vocab_size": 10}) == 64  # a config.json read as a dict
+    assert data.max_positions({"vocab_size": 10}) is None
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_path)
+    tokenizer.model_max_length = 1024
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert data.resolve_block_size(tokenizer, 128, data.max_positions(config)) == 64
+    assert "--block_size 128 is more than the model's 64 positions" in caplog.text
+    assert "Pass --block_size 64 or less" in caplog.text
+    assert data.resolve_block_size(tokenizer, 48, 64) == 48
+    assert data.resolve_block_size(tokenizer, None, 64) == 64
+    assert data.resolve_block_size(tokenizer, 2048, 4096) == 1024  # the tokenizer's limit first, as upstream
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_configs(tiny_sd_path):
+    text_encoder = AutoConfig.from_pretrained(tiny_sd_path, subfolder="text_encoder")
+    vae = json.loads((tiny_sd_path / "vae" / "config.json").read_text())
+    return {"text_encoder": text_encoder}, vae
+
+
+def test_text_to_image_limits_pass_for_the_tiny_pipeline(clip_tokenizer, tiny_sd_configs):
+    text_encoders, vae = tiny_sd_configs
+    assert data.vae_scale_factor(vae) == 2 ** (len(vae["block_out_channels"]) - 1)
+    data.check_text_to_image_limits(32, [clip_tokenizer], text_encoders, vae)
+
+
+def test_resolution_must_be_a_multiple_of_the_vae_scale_factor(clip_tokenizer, tiny_sd_configs):
+    text_encoders, vae = tiny_sd_configs
+    sd_vae = {"block_out_channels": [128, 256, 512, 512]}
+    assert data.vae_scale_factor(sd_vae) == 8
+    with pytest.raises(ValueError, match=r"--resolution 500 is not a multiple of 8.*pass --resolution 496 or 504"):
+        data.check_text_to_image_limits(500, [clip_tokenizer], text_encoders, sd_vae)
+    with pytest.raises(ValueError, match=r"--resolution 5 is not a multiple of 8.*pass --resolution 8\."):
+        data.check_text_to_image_limits(5, [clip_tokenizer], text_encoders, sd_vae)
+
+
+def test_tokenizer_longer_or_larger_than_the_text_encoder_is_refused(tiny_sd_path, tiny_sd_configs):
+    text_encoders, vae = tiny_sd_configs
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
+    tokenizer.model_max_length = 128
+    tokenizer.add_tokens([f"<extra{index}>" for index in range(3)])
+    vocab_size = text_encoders["text_encoder"].vocab_size
+    with pytest.raises(ValueError) as error:
+        data.check_text_to_image_limits(32, [tokenizer], text_encoders, vae)
+    message = str(error.value)
+    assert "tokenizer pads captions to 128 tokens (model_max_length) but text_encoder has 77 positions" in message
+    assert "set model_max_length to 77 in tokenizer/tokenizer_config.json" in message
+    assert f"tokenizer has {vocab_size + 3} tokens but text_encoder embeds {vocab_size} (vocab_size)" in message
