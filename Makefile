@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DEMO_DIR ?= demo-output
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint demo profile-tiny fidelity-tiny clean
+.PHONY: install test lint demo profile-tiny fidelity-tiny gpu-suite clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,6 +48,14 @@ fidelity-tiny: install
 		--learning_rate 1e-3 --seq_len 64 --batch_size 4 --output_dir $(FIDELITY_DIR)/llama
 	OMP_NUM_THREADS=2 $(PY) benchmarks/quantized_conv_held_out.py --pretrained $(FIDELITY_DIR)/tiny/sd \
 		--work_dir $(FIDELITY_DIR)/conv --output $(FIDELITY_DIR)/quantized-conv-held-out.md
+
+# The prepared GPU run (benchmarks/gpu/run.sh): on the device machine, after benchmarks/gpu/fetch_wheels.sh here.
+# No .venv there: it runs the device's python3 with the carried wheels. The CPU dry run:
+# make gpu-suite GPU_SUITE_FLAGS=--dry-run GPU_SUITE_PYTHON=.venv/bin/python
+GPU_SUITE_OUT ?= /tmp/gpu-suite
+GPU_SUITE_PYTHON ?= python3
+gpu-suite:
+	PYTHON=$(GPU_SUITE_PYTHON) bash benchmarks/gpu/run.sh $(GPU_SUITE_OUT) $(GPU_SUITE_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info .pytest_cache
