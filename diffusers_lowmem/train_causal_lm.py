@@ -109,6 +109,19 @@ def load_tokenizer(args):
     )
 
 
+def load_model_config(args):
+    """The model's config alone (`config.json`, no weights): its limits (positions) shape the data before loading."""
+    if args.model_name_or_path.startswith(ARCHITECTURE_PREFIX):
+        from diffusers_lowmem import architectures
+
+        return architectures.load_config(args.model_name_or_path[len(ARCHITECTURE_PREFIX) :], "model")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        args.config_name or args.model_name_or_path, trust_remote_code=args.trust_remote_code
+    )
+
+
 def load_model(args, weight_dtype: torch.dtype, tokenizer):
     """The causal LM on the CPU in `weight_dtype` (on the meta device for `architecture:NAME`).
 
@@ -192,15 +205,14 @@ def enable_gradient_checkpointing(args, model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_lm_datasets(args, raw_datasets, tokenizer, model, accelerator):
-    """Tokenized text grouped into `--block_size` blocks, labels = inputs (as upstream).
+def build_lm_datasets(args, raw_datasets, tokenizer, model_config, accelerator):
+    """Tokenized text grouped into `--block_size` blocks, labels = inputs (as upstream); the block never longer than
+    the model's positions (read from `model_config`, so this runs before the weights load).
 
     Raises:
         ValueError: If a split has fewer tokens than one block.
     """
-    block_size = data.resolve_block_size(
-        tokenizer, args.block_size, max_position_embeddings=getattr(model.config, "max_position_embeddings", None)
-    )
+    block_size = data.resolve_block_size(tokenizer, args.block_size, data.max_positions(model_config))
     with accelerator.main_process_first():
         lm_datasets = data.tokenize_and_group(
             raw_datasets,
@@ -329,9 +341,13 @@ def main(args: argparse.Namespace) -> dict:
     """Trains and returns a summary (global step, final loss, perplexity, output paths)."""
     allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     accelerator = setup_accelerator(args)
-    # Data first, as upstream: a bad file fails before the model is loaded or anything is written.
+    # Data first, as upstream: a bad file fails before the model is loaded or anything is written. The blocks are
+    # cut here too, their size bounded by the model's positions read from its config (no weights yet).
+    tokenizer = load_tokenizer(args)
     try:
         raw_datasets = load_raw_datasets(args)
+        model_config = load_model_config(args)
+        lm_datasets, block_size = build_lm_datasets(args, raw_datasets, tokenizer, model_config, accelerator)
     except ValueError as error:
         raise SystemExit(f"Bad training data: {error}") from error
     if accelerator.is_main_process and args.output_dir is not None:
@@ -346,11 +362,9 @@ def main(args: argparse.Namespace) -> dict:
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
 
     loss_fn = chunked_loss.CausalLMLoss(args.loss_chunk_size)  # the logits a chunk at a time (0: upstream's)
-    tokenizer = load_tokenizer(args)
     model = load_model(args, weight_dtype, tokenizer)
     conv1d_modules = quantization.conv1d_to_linear_(model)  # GPT-2's Conv1D projections become nn.Linear
     model.config.use_cache = False  # no KV cache in training (and none with gradient checkpointing)
-    lm_datasets, block_size = build_lm_datasets(args, raw_datasets, tokenizer, model, accelerator)
     train_dataloader, eval_dataloader = build_dataloaders(args, lm_datasets, seed)
     # --eval_steps with --quant: the eval loss of the base before quantization, for eval/quantization_loss_delta.
     unquantized_eval_loss = None

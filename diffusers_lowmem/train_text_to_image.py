@@ -114,6 +114,25 @@ def load_tokenizers(args, sdxl: bool) -> list:
     ]
 
 
+def load_model_configs(args, sdxl: bool) -> tuple[dict, dict]:
+    """`({role: text encoder config}, VAE config)`: the `config.json` files alone (no weights), whose limits
+    (positions, vocabulary, VAE scale factor) the data is checked against before any model is loaded."""
+    roles = text_encoder_roles(sdxl)
+    name = _architecture_name(args)
+    if name is not None:
+        from diffusers_lowmem import architectures
+
+        return {role: architectures.load_config(name, role) for role in roles}, architectures.load_config(name, "vae")
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig
+
+    path, revision = args.pretrained_model_name_or_path, args.revision
+    text_encoders = {role: AutoConfig.from_pretrained(path, subfolder=role, revision=revision) for role in roles}
+    vae_path = args.pretrained_vae_model_name_or_path
+    vae_config = AutoencoderKL.load_config(vae_path or path, subfolder=None if vae_path else "vae", revision=revision)
+    return text_encoders, vae_config
+
+
 def load_models(args, weight_dtype: torch.dtype, sdxl: bool = False):
     """Text encoders (`{role: model}`), VAE, UNet and noise scheduler, on the CPU in `weight_dtype` (meta for
     architectures).
@@ -554,6 +573,7 @@ def main(args: argparse.Namespace) -> dict:
     sdxl = is_sdxl(args)
     tokenizers = load_tokenizers(args, sdxl)
     try:
+        data.check_text_to_image_limits(args.resolution, tokenizers, *load_model_configs(args, sdxl))
         train_dataset, held_out_dataset = build_datasets(args, tokenizers, seed)
     except ValueError as error:
         raise SystemExit(f"Bad training data: {error}") from error

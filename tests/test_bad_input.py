@@ -6,9 +6,11 @@ and bad environments.
 
 import json
 import logging
+import math
 import shutil
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 from test_train_text_to_image import train_argv
 
@@ -137,3 +139,106 @@ def test_environment_errors_exit_2_before_anything(
     message = capsys.readouterr().err
     assert all(text in message for text in expected), message
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad rows and limits the model sets: refused (or clamped, skipped) before any model loads.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def with_null_caption(tiny_images_path, destination, line_index=2):
+    folder = image_folder(tiny_images_path, destination)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    row = json.loads(lines[line_index])
+    row["text"] = None
+    lines[line_index] = json.dumps(row)
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_strict_data_refuses_a_null_caption_by_file_and_line(
+    tiny_sd_path, tiny_images_path, tmp_path, no_model_loading
+):
+    folder = with_null_caption(tiny_images_path, tmp_path / "images")
+    with pytest.raises(SystemExit) as error:
+        run_text_to_image(*train_argv(tiny_sd_path, folder, tmp_path / "out", "--strict_data"))
+    assert_exit(error, "Bad training data:", f"{folder / 'metadata.jsonl'} line 3): null", "--strict_data")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_null_caption_is_skipped_and_named_and_training_runs_past_step_two(
+    tiny_sd_path, tiny_images_path, tmp_path, caplog
+):
+    folder = with_null_caption(tiny_images_path, tmp_path / "images")
+    caplog.set_level(logging.WARNING)
+    argv = train_argv(tiny_sd_path, folder, tmp_path / "out", "--max_train_steps", "4", "--checkpointing_steps", "1")
+    summary = run_text_to_image(*argv)
+    assert summary["global_step"] == 4  # every row fetched: 7 rows, batch 2
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("Dropping 1 of 8 rows whose caption" in message and "line 3): null" in message for message in warnings)
+
+
+def test_a_tokenizer_longer_than_the_text_encoders_positions_is_refused(
+    tiny_sd_path, tiny_images_path, tmp_path, no_model_loading
+):
+    pipeline = tmp_path / "sd"
+    shutil.copytree(tiny_sd_path, pipeline)
+    config_path = pipeline / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_max_length"] = 100
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as error:
+        run_text_to_image(*train_argv(pipeline, tiny_images_path, tmp_path / "out"))
+    assert_exit(error, "pads captions to 100 tokens (model_max_length) but text_encoder has 77 positions")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def short_gpt2(tiny_gpt2_path, tmp_path):
+    """The tiny GPT-2 with 64 positions (`n_positions`), saved with a tokenizer that allows 1024 tokens."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+
+    config = AutoConfig.from_pretrained(tiny_gpt2_path)
+    config.n_positions = 64
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_path)
+    tokenizer.model_max_length = 1024
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    return tmp_path / "gpt2"
+
+
+def test_block_size_beyond_the_models_positions_is_clamped_with_a_warning(
+    short_gpt2, tiny_text_path, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING)
+    argv = causal_argv(short_gpt2, tiny_text_path / "train.txt", tmp_path / "out", "--max_train_steps", "2")
+    argv[argv.index("--block_size") + 1] = "128"
+    argv += ["--validation_file", str(tiny_text_path / "validation.txt")]
+    summary = train_causal_lm.main(train_causal_lm.parse_args(argv))  # was: IndexError at the first step
+    assert summary["global_step"] == 2 and math.isfinite(summary["loss"])
+    assert "--block_size 128 is more than the model's 64 positions" in caplog.text
+
+
+def test_text_shorter_than_one_block_is_bad_data_before_loading(tiny_llama_path, tmp_path, no_model_loading):
+    (tmp_path / "train.txt").write_text("a few words\n")  # 12 tokens of the tiny Llama tokenizer
+    (tmp_path / "validation.txt").write_text("a few words\n" * 3)
+    argv = causal_argv(tiny_llama_path, tmp_path / "train.txt", tmp_path / "out")
+    argv += ["--validation_file", str(tmp_path / "validation.txt")]
+    with pytest.raises(SystemExit) as error:
+        train_causal_lm.main(train_causal_lm.parse_args(argv))
+    assert_exit(error, "Bad training data:", "fewer than --block_size 32 tokens", "lower --block_size or add text")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_validation_split_percentage_that_holds_out_nothing_is_bad_data(tiny_llama_path, tmp_path, no_model_loading):
+    (tmp_path / "train.txt").write_text("".join(f"line {index} of some text\n" for index in range(10)))
+    argv = causal_argv(tiny_llama_path, tmp_path / "train.txt", tmp_path / "out", "--validation_split_percentage", "4")
+    with pytest.raises(SystemExit) as error:
+        train_causal_lm.main(train_causal_lm.parse_args(argv))
+    assert_exit(
+        error,
+        "Bad training data: --validation_split_percentage 4 of the 10 rows",
+        "pass --validation_split_percentage 6 or more, or a --validation_file",  # 5 % of 10 rounds to 0,
+    )
+    assert not (tmp_path / "out").exists()
