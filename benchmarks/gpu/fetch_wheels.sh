@@ -5,14 +5,15 @@
 #
 #   bash benchmarks/gpu/fetch_wheels.sh [WHEEL_DIR]        # default: .whl (ignored by git)
 #
-# PYTHON_VERSIONS (default "3.12 3.10 3.11 3.13") lists the CPython versions to fetch for: only version-specific wheels
-# (multiprocess) differ between them, a few hundred KiB each; the device's image was seen with 3.12.
+# PYTHON_VERSIONS (default "3.12 3.11 3.13") lists the CPython versions to fetch for: only version-specific wheels
+# (multiprocess) differ between them, a few hundred KiB each; the device's image was seen with 3.12, and diffusers
+# 0.42 needs >= 3.11.
 # PYTHON (default: .venv/bin/python if present, else python3) runs pip. Exit status 1 when over the limit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WHEEL_DIR=${1:-.whl}
 REQUIREMENTS=benchmarks/gpu/requirements.txt
-PYTHON_VERSIONS=${PYTHON_VERSIONS:-"3.12 3.10 3.11 3.13"}
+PYTHON_VERSIONS=${PYTHON_VERSIONS:-"3.12 3.11 3.13"}
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -27,7 +28,7 @@ mkdir -p "$WHEEL_DIR"
 for version in $PYTHON_VERSIONS; do
     echo "fetch_wheels: CPython $version"
     "$PYTHON" -m pip download -q --no-deps --only-binary :all: --implementation cp --python-version "$version" \
-        "${platform_flags[@]}" -d "$WHEEL_DIR" -r "$REQUIREMENTS"
+        "${platform_flags[@]}" -d "$WHEEL_DIR" -r "$REQUIREMENTS" 2>&1 | { grep -v "WARNING: Location" || true; }
 done
 # Wheels of other versions left by an earlier run would make two candidates for one name.
 wanted=$(grep -v '^\s*#' "$REQUIREMENTS" | sed 's/\s*#.*//' | grep -v '^\s*$')
@@ -45,7 +46,8 @@ done
 for version in $PYTHON_VERSIONS; do
     "$PYTHON" -m pip install -q --dry-run --ignore-installed --no-index --no-deps --only-binary :all: \
         --implementation cp --python-version "$version" "${platform_flags[@]}" --target /tmp/fetch-wheels-check \
-        --find-links "$WHEEL_DIR" -r "$REQUIREMENTS"
+        --find-links "$WHEEL_DIR" -r "$REQUIREMENTS" 2>&1 | { grep -v "WARNING: Location" || true; }
+    echo "fetch_wheels: every requirement installs for CPython $version from $WHEEL_DIR alone"
 done
 
 exec "$PYTHON" benchmarks/gpu/suite.py carry-size --wheel-dir "$WHEEL_DIR" --limit-bytes "$LIMIT_BYTES"

@@ -87,6 +87,9 @@ CELL_FILES = (
     "estimate.log",
 )
 MAX_LOG_BYTES = 256 * 1024
+# The wheels fetch_wheels.sh downloads for CPython 3.11-3.13 (bitsandbytes 41.1 MiB, diffusers 6.1, the rest 1.4),
+# measured 2026-11-30: the tree must leave room for them under the device call's 64 MiB.
+MEASURED_WHEEL_BYTES = 50_980_581
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -667,6 +670,7 @@ class Summary:
     speed: list[dict] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
     elapsed_seconds: float | None = None
+    snapshot: dict | None = None
 
 
 def read_results(path: Path) -> list[dict]:
@@ -682,7 +686,8 @@ def read_results(path: Path) -> list[dict]:
             except json.JSONDecodeError:  # a line cut off by a kill
                 continue
             key = (record.get("matrix"), record.get("adapter"), record.get("quant"))
-            (cells if record.get("kind") == "cell" else estimates)[key] = record
+            if record.get("kind") in ("cell", "estimate"):
+                (cells if record["kind"] == "cell" else estimates)[key] = record
     joined = []
     for key in list(cells) + [key for key in estimates if key not in cells]:
         cell = dict(cells.get(key) or {"matrix": key[0], "adapter": key[1], "quant": key[2], "status": "not run"})
@@ -844,6 +849,14 @@ def markdown(summary: Summary) -> str:
             shown = "-" if value is None else (f"{value / GIB:.2f} GiB" if value > 100 else f"{value:.3f}")
             met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
             lines.append(f"| {t['target']} | {shown} | {met} |")
+    if summary.snapshot:
+        snap = summary.snapshot
+        lines += [
+            "",
+            f"Memory snapshot of {snap['matrix']} {snap['adapter']}/{snap['quant']} (measured / estimate "
+            f"{snap['measured_over_estimate']:.3f}): {snap['status']}"
+            + (" -> snapshot.pickle.gz (pytorch.org/memory_viz)" if snap["status"] == "ok" else ""),
+        ]
     lines += ["", "## Commands", ""]
     lines += [f"- {_label(c)} ({c['matrix']}): `{c.get('command', '-')}`" for c in summary.cells if c.get("command")]
     return "\n".join(lines) + "\n"
@@ -875,11 +888,83 @@ def write_report(plan_name: str, out: Path, work: Path, elapsed: float | None) -
     speed = speed_ratios(cells)
     targets = target_checks(cells, speed) if PLANS[plan_name].targets else []
     summary = Summary(plan_name, read("env.json"), read("calibration.json"), cells, speed, targets, elapsed)
+    if (out / "results.jsonl").is_file():
+        lines = (out / "results.jsonl").read_text().splitlines()
+        snapshots = [json.loads(line) for line in lines if '"kind": "snapshot"' in line]
+        summary.snapshot = snapshots[-1] if snapshots else None
     (out / "suite.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2, default=str))
     (out / "suite.md").write_text(markdown(summary))
     if work.is_dir():
         pack_cells(work, out / "cells.tar.gz")
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A memory snapshot of the cell whose peak the estimate misses most
+# ----------------------------------------------------------------------------------------------------------------
+
+SNAPSHOT_TOLERANCE = 0.05  # |measured / estimate - 1| beyond which a cell is worth a snapshot
+SNAPSHOT_MAX_ENTRIES = 20_000  # allocator events kept (several KiB each with Python stacks)
+
+
+def snapshot_candidate(cells: list[dict]) -> dict | None:
+    """The finished cell whose measured peak is furthest from its estimate, if more than 5 % away."""
+    misses = [c for c in cells if c.get("status") == "ok" and c.get("measured_over_estimate") is not None]
+    misses = [c for c in misses if abs(c["measured_over_estimate"] - 1) > SNAPSHOT_TOLERANCE]
+    return max(misses, key=lambda c: abs(c["measured_over_estimate"] - 1), default=None)
+
+
+def record_cell(spec_path: Path, snapshot_path: Path) -> Path:
+    """Runs a cell again in this process under `torch.cuda.memory._record_memory_history` and writes the snapshot
+    (gzip-compressed pickle, for https://pytorch.org/memory_viz) to `snapshot_path`."""
+    import gzip
+    import pickle
+
+    import torch
+
+    from diffusers_lowmem import profile
+
+    spec = json.loads(spec_path.read_text())
+    argv = list(spec["argv"])
+    argv[argv.index("--output_dir") + 1] = str(spec_path.parent / "snapshot-run")
+    spec["argv"] = argv
+    torch.cuda.memory._record_memory_history("all", stacks="python", max_entries=SNAPSHOT_MAX_ENTRIES)
+    try:
+        profile.run_cell_in_process(spec)
+    finally:
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(None)
+        with gzip.open(snapshot_path, "wb", compresslevel=6) as handle:
+            pickle.dump(snapshot, handle)
+    return snapshot_path
+
+
+def run_snapshot(out: Path, work: Path, deadline: float) -> dict | None:
+    """When time is left, snapshots the cell the estimate misses most into `out/snapshot.pickle.gz` (dropped if
+    over the 16 MiB that come back). Returns what was done, also written to `out/results.jsonl`."""
+    candidate = snapshot_candidate(read_results(out / "results.jsonl"))
+    if candidate is None:
+        return None
+    record = {"kind": "snapshot", "matrix": candidate["matrix"], "adapter": candidate["adapter"]}
+    record |= {"quant": candidate["quant"], "measured_over_estimate": candidate["measured_over_estimate"]}
+    needed = 1.5 * (candidate.get("wall_seconds") or 60) + 10
+    if deadline - time.time() < needed:
+        record["status"] = f"skipped: {needed:.0f} s needed, {max(0, deadline - time.time()):.0f} s left"
+    else:
+        spec = work / candidate["matrix"] / "cells" / f"{candidate['adapter']}-{candidate['quant']}" / "cell.json"
+        path = out / "snapshot.pickle.gz"
+        command = [sys.executable, __file__, "record-cell", "--spec", str(spec), "--out", str(path)]
+        try:
+            completed = subprocess.run(command, timeout=deadline - time.time(), capture_output=True, text=True)
+            record["status"] = "ok" if completed.returncode == 0 else f"exit {completed.returncode}"
+            record["error"] = completed.stderr[-500:] if completed.returncode else ""
+        except subprocess.TimeoutExpired:
+            record["status"] = "timeout"
+        if path.is_file() and path.stat().st_size > 16 * MIB:
+            record["status"] = f"dropped: {path.stat().st_size / MIB:.0f} MiB is over the 16 MiB that come back"
+            path.unlink()
+    ResultLog(out / "results.jsonl").append(record)
+    return record
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -908,6 +993,14 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--started", type=float, default=time.time(), help="time.time() when the suite started.")
         sub.add_argument("--budget-seconds", type=float, default=510)
     commands.choices["matrix"].add_argument("--no-estimates", action="store_true")
+    snapshot = commands.add_parser("snapshot", help="Snapshot the cell the estimate misses most, if time is left.")
+    for flag in ("--out", "--work"):
+        snapshot.add_argument(flag, type=Path, required=True)
+    snapshot.add_argument("--started", type=float, default=time.time())
+    snapshot.add_argument("--budget-seconds", type=float, default=510)
+    record = commands.add_parser("record-cell", help="Run one cell under the CUDA memory history (internal).")
+    record.add_argument("--spec", type=Path, required=True)
+    record.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
     if args.command == "carry-size":
@@ -939,7 +1032,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return 0
+    if args.command == "record-cell":
+        record_cell(args.spec, args.out)
+        return 0
     deadline = args.started + args.budget_seconds
+    if args.command == "snapshot":
+        print(json.dumps(run_snapshot(args.out, args.work, deadline)))
+        return 0
     if args.command == "matrix":
         args.out.mkdir(parents=True, exist_ok=True)
         run_matrix(PLANS[args.plan], args.out, args.work, deadline, estimates=not args.no_estimates)
