@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,6 +34,39 @@ logger = logging.getLogger(__name__)
 # bf16: 32 MiB), while biases, norms' statistics and masks are KiBs.
 DEFAULT_MIN_BYTES = 1 << 20
 HOST = torch.device("cpu")
+
+# Set by `simulated_host`: makes the context under which host copies are made (None: offload for real).
+_host_copy_context: Callable[[], contextlib.AbstractContextManager] | None = None
+
+
+def _pause_active_counters() -> contextlib.ExitStack:
+    """Pauses every active dispatch mode that counts tensors (those with a `paused()` context, such as
+    `memory.LiveTensorCounter`), so tensors made inside are not counted."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    stack = contextlib.ExitStack()
+    for mode in _get_current_dispatch_mode_stack():
+        if callable(getattr(mode, "paused", None)):
+            stack.enter_context(mode.paused())
+    return stack
+
+
+@contextlib.contextmanager
+def simulated_host(host_copy_context: Callable[[], contextlib.AbstractContextManager] | None = None):
+    """For memory estimates whose fake run puts the trainer's device tensors on the CPU: inside the block every
+    `ActivationOffload` made also moves CPU tensors, and makes each host copy under `host_copy_context()`, so a
+    counter of device memory sees the activation leave and not its copy arrive (and sees it come back in backward).
+
+    Args:
+        host_copy_context: Makes a context in which new tensors are not counted; None pauses every active counting
+            dispatch mode (`memory.LiveTensorCounter.paused`).
+    """
+    global _host_copy_context
+    previous, _host_copy_context = _host_copy_context, host_copy_context or _pause_active_counters
+    try:
+        yield
+    finally:
+        _host_copy_context = previous
 
 
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
@@ -52,7 +86,8 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, pin_memory: bool | None = None, min_bytes: int = DEFAULT_MIN_BYTES, copy_host_tensors=False):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.min_bytes = min_bytes
-        self.copy_host_tensors = copy_host_tensors
+        self._host_copy_context = _host_copy_context or contextlib.nullcontext
+        self.copy_host_tensors = copy_host_tensors or _host_copy_context is not None
         self.offloaded_tensors = 0
         self.offloaded_bytes = 0
         self.offloaded_shapes: list[tuple[int, ...]] = []
@@ -82,10 +117,11 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         if copy is not None and copy[0] == tensor._version:
             return copy[1]
         pin = self.pin_memory and tensor.device.type != HOST.type and not is_fake(tensor)
-        host = torch.empty(tensor.size(), dtype=tensor.dtype, device=HOST, pin_memory=pin)
-        # Non-blocking into pinned memory: the copy is ordered on the device's stream before any later reuse of the
-        # tensor's memory by the caching allocator and before the copy back in backward.
-        host.copy_(tensor, non_blocking=pin)
+        with self._host_copy_context():
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, device=HOST, pin_memory=pin)
+            # Non-blocking into pinned memory: the copy is ordered on the device's stream before any later reuse of
+            # the tensor's memory by the caching allocator and before the copy back in backward.
+            host.copy_(tensor, non_blocking=pin)
         packed = (tensor.device, host, pin)
         self._host_copies[tensor] = (tensor._version, packed)
         self.offloaded_tensors += 1
