@@ -1043,6 +1043,26 @@ def resolve_block_size(tokenizer, block_size: int | None = None, max_position_em
     return block_size
 
 
+def check_vocabulary(tokenizer, model_config, role: str = "the model") -> None:
+    """Refuses a tokenizer whose ids have no row in the model's input embedding (`len(tokenizer)` > `vocab_size`),
+    which would fail at the first step with `IndexError: index out of range in self`.
+
+    Args:
+        tokenizer: The tokenizer.
+        model_config: The model's config (an object or its `config.json` dict).
+        role: The model's name in the message, e.g. "text_encoder".
+
+    Raises:
+        ValueError: The tokenizer has more tokens than the embedding has rows.
+    """
+    vocab_size = _config_value(model_config, "vocab_size")
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but {role} embeds {vocab_size} (vocab_size of its config):"
+            " use the tokenizer the model was trained with (--tokenizer_name)."
+        )
+
+
 def vae_scale_factor(vae_config) -> int:
     """How many pixels one latent stands for along a side: 2 ** (len(block_out_channels) - 1), as diffusers' pipelines.
 

@@ -210,8 +210,11 @@ def build_lm_datasets(args, raw_datasets, tokenizer, model_config, accelerator):
     the model's positions (read from `model_config`, so this runs before the weights load).
 
     Raises:
-        ValueError: If a split has fewer tokens than one block.
+        ValueError: If a split has fewer tokens than one block, or (for `architecture:NAME`, whose embedding is not
+            resized to the tokenizer as a loaded model's is) the tokenizer has more tokens than the embedding rows.
     """
+    if args.model_name_or_path.startswith(ARCHITECTURE_PREFIX):
+        data.check_vocabulary(tokenizer, model_config)
     block_size = data.resolve_block_size(tokenizer, args.block_size, data.max_positions(model_config))
     with accelerator.main_process_first():
         lm_datasets = data.tokenize_and_group(

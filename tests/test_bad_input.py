@@ -242,3 +242,24 @@ def test_a_validation_split_percentage_that_holds_out_nothing_is_bad_data(tiny_l
         "pass --validation_split_percentage 6 or more, or a --validation_file",  # 5 % of 10 rounds to 0,
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_larger_than_an_architectures_embedding_is_refused(
+    tiny_llama_path, tiny_text_path, tmp_path, no_model_loading
+):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    tokenizer.add_tokens([f"<extra{index}>" for index in range(1001 - len(tokenizer))])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    argv = causal_argv("architecture:tiny-llama", tiny_text_path / "train.txt", tmp_path / "out")
+    argv += [
+        "--tokenizer_name",
+        str(tmp_path / "tokenizer"),
+        "--validation_file",
+        str(tiny_text_path / "validation.txt"),
+    ]
+    with pytest.raises(SystemExit) as error:
+        train_causal_lm.main(train_causal_lm.parse_args(argv))
+    assert_exit(error, "The tokenizer has 1001 tokens but the model embeds 1000 (vocab_size of its config)")
+    assert not (tmp_path / "out").exists()

@@ -917,3 +917,12 @@ def test_tokenizer_longer_or_larger_than_the_text_encoder_is_refused(tiny_sd_pat
     assert "tokenizer pads captions to 128 tokens (model_max_length) but text_encoder has 77 positions" in message
     assert "set model_max_length to 77 in tokenizer/tokenizer_config.json" in message
     assert f"tokenizer has {vocab_size + 3} tokens but text_encoder embeds {vocab_size} (vocab_size)" in message
+
+
+def test_a_tokenizer_with_more_tokens_than_embedding_rows_is_refused(tiny_gpt2_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_path)
+    config = AutoConfig.from_pretrained(tiny_gpt2_path)
+    data.check_vocabulary(tokenizer, config)  # the model's own tokenizer fits
+    data.check_vocabulary(tokenizer, {"vocab_size": len(tokenizer)})
+    with pytest.raises(ValueError, match=f"The tokenizer has {len(tokenizer)} tokens but llm embeds 10 \\(vocab_size"):
+        data.check_vocabulary(tokenizer, {"vocab_size": 10}, role="llm")
