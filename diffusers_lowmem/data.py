@@ -119,9 +119,11 @@ def load_image_caption_dataset(
             # pyarrow refuses a metadata.jsonl whose captions change type ("changed from string to number in row
             # 2", counting rows from 0 and naming no file): name the file and line instead.
             mismatch = _mismatched_caption_line(str(train_data_dir), caption_column)
+            if mismatch is None:
+                raise ValueError(f"Cannot read the image folder {train_data_dir}: {error}") from error
             raise ValueError(
-                f"Cannot read the captions of {train_data_dir}: {mismatch or error}. Every line of metadata.jsonl"
-                f' needs "{caption_column}" as a string (or, on every line, a list of strings).'
+                f"Cannot read the captions of {train_data_dir}: {mismatch}. Every line of metadata.jsonl needs"
+                f' "{caption_column}" as a string (or, on every line, a list of strings).'
             ) from error
         dataset = _train_split(loaded, train_data_dir)
     else:
