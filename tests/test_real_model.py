@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from bitsandbytes.functional import has_avx512bf16
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from diffusers_lowmem import load_adapter, real_material, train_causal_lm
+from diffusers_lowmem import load_adapter, quantization, real_material, train_causal_lm
 
 BLOCK_SIZE = 32
 TRAIN_STEPS = 8
@@ -163,3 +164,35 @@ def test_sonnet_corpus_split_is_disjoint_and_complete(sonnets, tmp_path):
     assert held_out[0].startswith("For shame! deny that thou bear'st love to any,")  # sonnet X
     assert not set(train) & set(held_out)
     assert Path(sonnets["train"]).read_text() == paths["train"].read_text()
+
+
+def input_gradient(model, input_ids) -> torch.Tensor:
+    """d(sum of logits)/d(input embeddings), in training mode: what reaches the adapters below each layer."""
+    model.train()
+    embeddings = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeddings).logits.sum().backward()
+    return embeddings.grad
+
+
+@pytest.mark.xfail(
+    condition=has_avx512bf16(),
+    strict=True,
+    reason="bitsandbytes 0.50 Linear4bit.forward repacks the weight for its CPU inference kernel (bf16 absmax) the first"
+    " time it runs in eval mode on an input without grad; matmul_4bit then always calls gemv_4bit, which has no"
+    " backward, so the input gradient is lost. Fix in quantization._quantized_nf4_layer: support_avx512bf16_for_cpu ="
+    " False.",
+)
+def test_an_evaluation_does_not_change_nf4_training_gradients(smollm2_path):
+    """--eval_steps evaluates before training: the gradients of the training that follows must not change."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    model = base_model(smollm2_path)
+    quantization.quantize_model(model, "nf4", skip=quantization.DEFAULT_SKIP_CAUSAL_LM, compute_errors=False)
+    model.requires_grad_(False)
+    expected = input_gradient(model, input_ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids)
+    gradient = input_gradient(model, input_ids)
+    assert gradient is not None
+    torch.testing.assert_close(gradient, expected)
