@@ -361,9 +361,14 @@ def write_photo_folder(out_dir: str | os.PathLike, sidecars: bool = True) -> dic
         elif form in ("rgba", "la"):
             _with_transparent_border(image, form.upper(), border=max(image.size) // 16).save(target)
         elif form == "palette":
+            # 255 colours for the photo; index 255 (unused by them) is the transparent border.
             palette = image.convert("RGB").quantize(colors=255)
-            palette.info["transparency"] = 0
-            palette.save(target, transparency=0)
+            border = max(image.size) // 16
+            pixels = np.asarray(palette).copy()
+            pixels[:border], pixels[-border:], pixels[:, :border], pixels[:, -border:] = 255, 255, 255, 255
+            transparent = Image.fromarray(pixels, mode="P")
+            transparent.putpalette(palette.getpalette()[: 255 * 3] + [0, 255, 0])  # a 256th entry, green
+            transparent.save(target, transparency=255)
         elif form == "i16":
             pixels = np.asarray(image.convert("L"), dtype=np.uint16) * 257
             Image.fromarray(pixels).save(target)  # mode I;16

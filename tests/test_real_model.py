@@ -196,3 +196,44 @@ def test_an_evaluation_does_not_change_nf4_training_gradients(smollm2_path):
     gradient = input_gradient(model, input_ids)
     assert gradient is not None
     torch.testing.assert_close(gradient, expected)
+
+
+def test_photo_folder_holds_every_form_and_each_decodes_to_its_photo(tmp_path):
+    pytest.importorskip(
+        "skimage", reason="the real photos come from the scikit-image wheel (make real-demo installs it)"
+    )
+    pytest.importorskip("sklearn", reason="china.jpg and flower.jpg come from the scikit-learn wheel")
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_lowmem.data import to_rgb
+
+    written = real_material.write_photo_folder(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert written["images"] == len(rows) == len(real_material.PHOTOS) == 14
+    modes = {mode for mode, _ in written["forms"].values()}
+    assert {"RGB", "RGBA", "LA", "P", "I;16", "CMYK", "L"} <= modes
+    assert written["forms"]["retina_tiny.png"][1] == (12, 9)
+    width, height = written["forms"]["motorcycle_wide.png"][1]
+    assert width >= 8 * height
+    for row in rows:  # kohya-style sidecars hold the same caption
+        assert (tmp_path / row["file_name"]).with_suffix(".txt").read_text().strip() == row["text"]
+    assert Image.open(tmp_path / "astronaut_exif_rotated.jpg").getexif()[0x0112] == 6
+
+    def photo(source):
+        return np.asarray(Image.open(real_material._photo_source(source)).convert("RGB"), dtype=np.float64)
+
+    def decoded(name):
+        return np.asarray(to_rgb(Image.open(tmp_path / name)), dtype=np.float64)
+
+    # Lossless forms decode exactly, lossy ones (JPEG, a 255-colour palette) within a few levels of the photo.
+    assert np.array_equal(decoded("camera_gray16.png"), photo("skimage:camera.png"))
+    assert np.array_equal(decoded("china_rgb16.png"), photo("sklearn:china.jpg"))
+    assert np.abs(decoded("astronaut_exif_rotated.jpg") - photo("skimage:astronaut.png")).mean() < 4
+    assert np.abs(decoded("rocket_cmyk.jpg") - photo("skimage:rocket.jpg")).mean() < 4
+    # Transparent borders composite on white; the picture inside is kept.
+    for name, source in [("coffee_palette.png", "skimage:coffee.png"), ("chelsea_rgba.png", "skimage:chelsea.png")]:
+        pixels, border = decoded(name), max(Image.open(tmp_path / name).size) // 16
+        assert (pixels[0, 0] == 255).all() and (pixels[-1, -1] == 255).all()
+        inside = np.s_[border:-border, border:-border]
+        assert np.abs(pixels[inside] - photo(source)[inside]).mean() < 4
