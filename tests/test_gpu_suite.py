@@ -34,9 +34,11 @@ def dry_run(tmp_path_factory):
     """One `run.sh OUT --dry-run`: (OUT, WORK, completed process)."""
     base = tmp_path_factory.mktemp("gpu-suite")
     out, work = base / "out", base / "work"
+    # A budget far above the ~2 minutes the dry run takes on 2 idle cores: a busy machine must not skip cells.
     env = dict(os.environ, PYTHON=sys.executable, GPU_SUITE_WORK=str(work), OMP_NUM_THREADS="1")
+    env["GPU_SUITE_BUDGET"] = "1500"
     completed = subprocess.run(
-        ["bash", str(RUN_SH), str(out), "--dry-run"], env=env, capture_output=True, text=True, timeout=900
+        ["bash", str(RUN_SH), str(out), "--dry-run"], env=env, capture_output=True, text=True, timeout=1800
     )
     return out, work, completed
 

@@ -90,8 +90,9 @@ timeout 120 "$PYTHON" "$SUITE" calibrate --out "$OUT/calibration.json"
 MATRIX_BUDGET=$((BUDGET - REPORT_RESERVE))
 LEFT=$((STARTED + MATRIX_BUDGET - $(date +%s)))
 step "matrix: $LEFT s left"
+# The matrix's own deadline is 5 s inside the kill, so that it records what it stops.
 timeout --kill-after=10 "$LEFT" "$PYTHON" "$SUITE" matrix --plan "$PLAN" --out "$OUT" --work "$WORK" \
-    --started "$STARTED" --budget-seconds "$MATRIX_BUDGET"
+    --started "$STARTED" --budget-seconds $((MATRIX_BUDGET - 5))
 status=$?
 [[ $status -ne 0 ]] && step "matrix exited with $status (124: the budget ran out); reporting what finished"
 
@@ -106,4 +107,5 @@ if [[ $PLAN == gpu ]]; then
             --budget-seconds $((BUDGET - 10)) && grep -q '"kind": "snapshot"' "$OUT/results.jsonl" && report
     fi
 fi
+sleep 1 # lets tee write the last lines of suite.log
 exit 0

@@ -640,10 +640,11 @@ def run_matrix(plan: Plan, out: Path, work: Path, deadline: float, estimates: bo
                 record["status"], record["error"] = "timeout", f"over the cell's limit of {args.cell_timeout} s"
         log.append(record)
         records.append(record)
-        peak = record.get("peak_allocated") or record.get("peak_rss")
+        peak_name = "peak_allocated" if record.get("peak_allocated") else "peak_rss"  # the CPU's: RSS
+        peak = record.get(peak_name)
         print(
             f"[suite] {name} {adapter}/{quant}: {record['status']}"
-            + (f", peak {peak / GIB:.2f} GiB" if peak else "")
+            + (f", {peak_name.replace('_', ' ')} {peak / MIB:.1f} MiB" if peak else "")
             + (f", median step {record['median_step_seconds']:.3f} s" if record.get("median_step_seconds") else "")
             + f" ({max(0, deadline - time.time()):.0f} s left)",
             flush=True,
