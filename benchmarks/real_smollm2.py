@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--report_only", action="store_true", help="Only rebuild the table from the finished cells in --work_dir."
+    )
     return parser.parse_args(argv)
 
 
@@ -163,6 +166,15 @@ def main(argv=None) -> dict:
         # first time it runs in eval mode on an input without grad, and that kernel has no backward (see the
         # results file), so an evaluation before training would change what training computes.
         baseline_dir = work_dir / f"base-{quant}"
+        if args.report_only:
+            if not (baseline_dir / "training_summary.json").exists():
+                continue
+            baseline = read_baseline(baseline_dir)
+            for adapter in args.adapters.split(","):
+                output_dir = work_dir / f"{adapter}-{quant}"
+                if (output_dir / "training_summary.json").exists():
+                    cells[(adapter, quant)] = read_cell(output_dir, baseline, float("nan"))
+            continue
         returncode, _ = run_cell(
             cell_command(args, model_dir, text, "lora", quant, baseline_dir, steps=0), work_dir / f"base-{quant}.log"
         )
