@@ -209,3 +209,15 @@ def test_run_sh_refuses_bad_arguments(tmp_path, argv):
     completed = subprocess.run(["bash", str(RUN_SH), *argv], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2
     assert "usage" in completed.stderr or "unknown flag --gpu" in completed.stderr
+
+
+def test_gpu_plan_without_wheels_stops_at_once_and_says_what_to_run(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, GPU_SUITE_WHEELS=str(tmp_path / "none"))
+    env["GPU_SUITE_WORK"] = str(tmp_path / "work")
+    completed = subprocess.run(
+        ["bash", str(RUN_SH), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 1
+    assert "run benchmarks/gpu/fetch_wheels.sh first" in completed.stdout + completed.stderr
+    assert "# GPU suite (gpu plan)" in (tmp_path / "out" / "suite.md").read_text()
+    assert not (tmp_path / "out" / "results.jsonl").exists()

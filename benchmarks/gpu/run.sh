@@ -13,7 +13,8 @@
 # and OUT/cells.tar.gz (logs and reports of every cell), written even when a step failed or ran out of time.
 #
 # Environment: PYTHON (python3), GPU_SUITE_WHEELS (.whl), GPU_SUITE_WORK (a fresh folder under /tmp; cell outputs,
-# weights, the installed wheels), GPU_SUITE_BUDGET (seconds for the whole run: 510 on the GPU, 600 dry).
+# weights, the installed wheels), GPU_SUITE_BUDGET (seconds for the whole run: 510 on the GPU, 600 dry),
+# GPU_SUITE_ALLOW_CPU (non-empty: run the GPU plan without a CUDA device, e.g. to try the real wheels' install).
 set -uo pipefail
 if [[ $# -lt 1 || "$1" == -* ]]; then
     echo "usage: $0 OUT [--dry-run]" >&2
@@ -76,7 +77,9 @@ export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 # (2) The environment; stop when it cannot run the suite.
 step "environment"
-if ! "$PYTHON" "$SUITE" env --out "$OUT/env.json"; then
+REQUIRE_CUDA=()
+[[ $PLAN == gpu && -z "${GPU_SUITE_ALLOW_CPU:-}" ]] && REQUIRE_CUDA=(--require-cuda)
+if ! "$PYTHON" "$SUITE" env --out "$OUT/env.json" "${REQUIRE_CUDA[@]}"; then
     step "the environment cannot run the suite (env.json: problems)"
     report
     exit 3

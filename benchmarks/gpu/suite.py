@@ -338,8 +338,12 @@ def _unmet_requirements(distributions: list[str]) -> list[str]:
     return unmet
 
 
-def environment() -> tuple[dict, list[str]]:
+def environment(require_cuda: bool = False) -> tuple[dict, list[str]]:
     """What the run ran on, and the problems that make measuring pointless.
+
+    Args:
+        require_cuda: Count a torch that sees no CUDA device as a problem (the GPU plan on a CPU would measure
+            nothing it was meant to).
 
     Returns:
         `(environment, problems)`: the environment as a JSON-ready dict (Python, device, driver, versions, where
@@ -395,6 +399,8 @@ def environment() -> tuple[dict, list[str]]:
     else:
         import psutil
 
+        if require_cuda:
+            problems.append(f"torch {torch.__version__} sees no CUDA device (CUDA_VISIBLE_DEVICES, driver?)")
         env["device"] = {"name": f"CPU ({platform.machine()})", "total_memory_bytes": psutil.virtual_memory().total}
     env["problems"] = problems
     return env, problems
@@ -984,6 +990,7 @@ def main(argv: list[str] | None = None) -> int:
     repack.add_argument("--out", type=Path, required=True)
     env = commands.add_parser("env", help="Write env.json; exit 3 when the environment cannot run the suite.")
     env.add_argument("--out", type=Path, required=True)
+    env.add_argument("--require-cuda", action="store_true", help="No CUDA device is a problem (the GPU plan).")
     calibration = commands.add_parser("calibrate", help="Write calibration.json.")
     calibration.add_argument("--out", type=Path, required=True)
     for name in ("matrix", "report"):
@@ -1021,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repacked {repack_wheel(name, args.out).name}")
         return 0
     if args.command == "env":
-        env, problems = environment()
+        env, problems = environment(require_cuda=args.require_cuda)
         args.out.write_text(json.dumps(env, indent=2))
         print(json.dumps({k: env[k] for k in ("python", "versions", "device", "problems")}, indent=2))
         return 3 if problems else 0
