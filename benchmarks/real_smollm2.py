@@ -175,9 +175,12 @@ def main(argv=None) -> dict:
                 if (output_dir / "training_summary.json").exists():
                     cells[(adapter, quant)] = read_cell(output_dir, baseline, float("nan"))
             continue
-        returncode, _ = run_cell(
-            cell_command(args, model_dir, text, "lora", quant, baseline_dir, steps=0), work_dir / f"base-{quant}.log"
-        )
+        returncode = 0
+        if not (baseline_dir / "training_summary.json").exists():  # an earlier invocation evaluated it already
+            returncode, _ = run_cell(
+                cell_command(args, model_dir, text, "lora", quant, baseline_dir, steps=0),
+                work_dir / f"base-{quant}.log",
+            )
         if returncode != 0:
             raise SystemExit(f"The evaluation of the {quant} base failed: see {work_dir}/base-{quant}.log")
         baseline = read_baseline(baseline_dir)
