@@ -836,9 +836,10 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
         action="store_true",
         help="Keep the activations saved for backward in host memory (pinned when CUDA is available), copied off the"
         " device in forward and back in backward; with --gradient_checkpointing that is each layer's input. Saves"
-        " their device memory for two host-device copies per step (step time measured in"
-        " benchmarks/results/offload-and-chunked-loss-cpu.md). Weights, tensors under 1 MiB and tensors already on"
-        " the host stay where they are.",
+        " their device memory for two host-device copies per step: Llama-3-8B nf4 QLoRA at batch 2 x 2,048 with"
+        " --gradient_checkpointing is estimated at 6.61 GiB instead of 7.50 (benchmarks/results/"
+        "long-context-estimate.md; step time in offload-and-chunked-loss-cpu.md). Weights, tensors under 1 MiB and"
+        " tensors already on the host stay where they are.",
     )
     if not text_to_image:
         group.add_argument(
@@ -851,8 +852,8 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
             " sequence x vocabulary logits, their fp32 copy, log-softmax and gradients never exist at once. Same loss"
             " and gradients as upstream's (mean over the batch's labelled tokens), for one more lm_head matmul per"
             " step. Measured for Llama-3-8B at batch 2 x 2,048 in bf16: logit-sized tensors peak at 5.87 GiB without,"
-            " 0.37 GiB with 256 (benchmarks/results/offload-and-chunked-loss-cpu.md). 0: upstream's loss on the full"
-            " logits. Gemma's soft-capping and Cohere's and Granite's logit scaling are reproduced; other changes to"
+            " 0.37 GiB with 256 (benchmarks/results/offload-and-chunked-loss-cpu.md); the nf4 QLoRA step is estimated"
+            " at 7.50 GiB instead of 12.48 (long-context-estimate.md). 0: upstream's loss on the full logits. Gemma's soft-capping and Cohere's and Granite's logit scaling are reproduced; other changes to"
             " the logits after lm_head, FSDP and DeepSpeed ZeRO-3 fall back to the full logits with a warning.",
         )
     if text_to_image:
