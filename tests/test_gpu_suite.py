@@ -29,10 +29,8 @@ def _load_suite():
 suite = _load_suite()
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
+def _dry_run(base: Path):
     """One `run.sh OUT --dry-run`: (OUT, WORK, completed process)."""
-    base = tmp_path_factory.mktemp("gpu-suite")
     out, work = base / "out", base / "work"
     # A budget far above the ~2 minutes the dry run takes on 2 idle cores: a busy machine must not skip cells.
     env = dict(os.environ, PYTHON=sys.executable, GPU_SUITE_WORK=str(work), OMP_NUM_THREADS="1")
@@ -43,8 +41,7 @@ def dry_run(tmp_path_factory):
     return out, work, completed
 
 
-def test_dry_run_writes_at_most_8_files_that_come_back(dry_run):
-    out, _, completed = dry_run
+def _dry_run_writes_at_most_8_files_that_come_back(out, completed):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     files = sorted(path.name for path in out.iterdir())
     expected = ["calibration.json", "cells.tar.gz", "env.json", "results.jsonl", "suite.json", "suite.log", "suite.md"]
@@ -53,8 +50,7 @@ def test_dry_run_writes_at_most_8_files_that_come_back(dry_run):
     assert all(path.is_file() for path in out.iterdir())  # nothing nested: every file comes back
 
 
-def test_dry_run_imports_the_carried_packages_from_the_installed_wheels(dry_run):
-    out, work, _ = dry_run
+def _dry_run_imports_the_carried_packages_from_the_installed_wheels(out, work):
     env = json.loads((out / "env.json").read_text())
     assert env["problems"] == []
     site = (work / "site").resolve()
@@ -68,8 +64,7 @@ def test_dry_run_imports_the_carried_packages_from_the_installed_wheels(dry_run)
     assert len(installed) == len(suite.CARRIED_MODULES)
 
 
-def test_dry_run_measures_every_planned_cell_with_its_estimate(dry_run):
-    out, _, _ = dry_run
+def _dry_run_measures_every_planned_cell_with_its_estimate(out):
     plan = suite.PLANS["dry"]
     summary = json.loads((out / "suite.json").read_text())
     cells = {(c["matrix"], c["adapter"], c["quant"]): c for c in summary["cells"]}
@@ -95,8 +90,7 @@ def test_dry_run_measures_every_planned_cell_with_its_estimate(dry_run):
     assert sorted(line["kind"] for line in lines) == ["cell"] * len(plan.cells) + ["estimate"] * len(plan.cells)
 
 
-def test_dry_run_speed_ratios_and_report(dry_run):
-    out, _, _ = dry_run
+def _dry_run_speed_ratios_and_report(out):
     summary = json.loads((out / "suite.json").read_text())
     cells = {(c["matrix"], c["adapter"], c["quant"]): c for c in summary["cells"]}
     ratios = {(r["matrix"], r["adapter"], r["quant"]): r["ratio"] for r in summary["speed"]}
@@ -114,14 +108,23 @@ def test_dry_run_speed_ratios_and_report(dry_run):
     assert "CPU (" in text.splitlines()[0]
 
 
-def test_dry_run_brings_back_each_cells_logs_and_no_weights(dry_run):
-    out, _, _ = dry_run
+def _dry_run_brings_back_each_cells_logs_and_no_weights(out):
     with tarfile.open(out / "cells.tar.gz") as archive:
         names = archive.getnames()
     for matrix, adapter, quant in suite.PLANS["dry"].cells:
         assert f"{matrix}/cells/{adapter}-{quant}/log.txt" in names
         assert f"{matrix}/cells/{adapter}-{quant}/memory_report.json" in names
     assert not [name for name in names if name.endswith((".safetensors", ".bin", ".whl"))]
+
+
+def test_dry_run_end_to_end(tmp_path):
+    # One test, so that pytest-xdist runs the dry run once, not once per worker.
+    out, work, completed = _dry_run(tmp_path)
+    _dry_run_writes_at_most_8_files_that_come_back(out, completed)
+    _dry_run_imports_the_carried_packages_from_the_installed_wheels(out, work)
+    _dry_run_measures_every_planned_cell_with_its_estimate(out)
+    _dry_run_speed_ratios_and_report(out)
+    _dry_run_brings_back_each_cells_logs_and_no_weights(out)
 
 
 def test_gpu_plan_covers_the_issue_and_its_flags_parse():
