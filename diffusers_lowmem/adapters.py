@@ -22,6 +22,7 @@ LyCORIS does not select by itself for `Linear4bit`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffusers_lowmem import estimate
 from diffusers_lowmem.quantization import conv1d_to_linear_, has_quantized_layers, matches_any
 
 logger = logging.getLogger(__name__)
@@ -370,12 +372,18 @@ def attach_adapter(
     model.requires_grad_(False)
     prefix = role_prefix(model, role, sdxl)
     targets = find_target_modules(model, role, config)
-    lycoris_modules = [
-        _create_module(lora_name(prefix, name), module, config, bypass_mode) for name, module in targets.items()
-    ]
+    # A memory estimate's fake model: LyCORIS reads values as it builds (kernel sizes through tensors), so its
+    # modules are built on real tensors and their parameters then replaced by fake ones of the same shapes.
+    fake_base = estimate.is_fake_module(model)
+    with estimate.real_tensors() if fake_base else contextlib.nullcontext():
+        lycoris_modules = [
+            _create_module(lora_name(prefix, name), module, config, bypass_mode) for name, module in targets.items()
+        ]
     network = _new_network(model, lycoris_modules)
+    if fake_base:
+        estimate.fake_copies_(network)
     device = next(iter(targets.values())).weight.device
-    network.to(device=device if device.type != "meta" else "cpu", dtype=torch.float32)
+    estimate.module_to_(network, device=device if device.type != "meta" else "cpu", dtype=torch.float32)
     _register(model, network)
     network.requires_grad_(True)
     logger.info(f"Attached {config.algo} to {len(lycoris_modules)} layers of the {role} ({_count(network):,} params).")
@@ -817,7 +825,8 @@ def _merge_modules(network: nn.Module, multiplier: float) -> None:
     """Adds each module's update, computed in fp32, into its layer's weight.
 
     LoCon's `get_diff_weight` is the scaled update; LoHa's and LoKr's `get_weight` already apply the scale, which
-    their `get_diff_weight` (and so LyCORIS' `merge_to`) applies a second time in lycoris-lora 4.1.3.
+    their `get_diff_weight` (and so LyCORIS' `merge_to`) applies a second time in lycoris-lora 4.1.3. The sum is
+    formed in the update's own buffer, so one layer needs one full-size fp32 tensor on top of its weight.
     """
     from lycoris.modules import LoConModule
 
@@ -826,9 +835,14 @@ def _merge_modules(network: nn.Module, multiplier: float) -> None:
         if isinstance(module, LoConModule):
             delta = module.get_diff_weight(multiplier, shape=weight.shape)[0]
         else:
-            delta = module.get_weight(weight.shape) * multiplier
-        merged = weight.float() + delta.reshape(weight.shape).to(device=weight.device, dtype=torch.float32)
-        weight.copy_(merged.to(weight.dtype))
+            delta = module.get_weight(weight.shape)
+            if multiplier != 1:
+                delta = delta * multiplier
+        stored = {parameter.untyped_storage().data_ptr() for parameter in module.parameters()}
+        merged = delta.reshape(weight.shape).to(device=weight.device, dtype=torch.float32)
+        if merged.untyped_storage().data_ptr() in stored:  # never add into the adapter's own tensors
+            merged = merged.clone()
+        weight.copy_(merged.add_(weight))
 
 
 def trainable_parameter_count(config: AdapterConfig, module: nn.Module) -> int:
