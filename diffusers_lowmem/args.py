@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_lowmem.adapters import ADAPTER_ALGOS, CONV_ALGOS, AdapterConfig
+from diffusers_lowmem.adapters import ADAPTER_ALGOS, CONV_ALGOS, AdapterConfig, split_target_pattern
 from diffusers_lowmem.architectures import ARCHITECTURES, TASK_CAUSAL_LM, TASK_TEXT_TO_IMAGE
 from diffusers_lowmem.chunked_loss import DEFAULT_CHUNK_SIZE as DEFAULT_LOSS_CHUNK_SIZE
 from diffusers_lowmem.quantization import DEFAULT_SKIP_CAUSAL_LM, DEFAULT_SKIP_UNET, QUANT_MODES
@@ -725,7 +725,11 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help="Module-name patterns (full name, dotted suffix or fnmatch glob) narrowing which layers get adapters"
-        "; None targets the attention and MLP linear layers of the model family.",
+        "; None targets the attention and MLP linear layers of the model family. A pattern applies to every"
+        " adapted model; prefix it with a role to narrow one model only: unet:, text_encoder:, text_encoder_2: (text"
+        " to image; the encoders with --train_text_encoder) or llm: (causal LM), e.g. `unet:to_q unet:to_v"
+        " text_encoder:q_proj`. A model no pattern applies to keeps its family's targets; one whose patterns match"
+        " no layer is an error naming it.",
     )
 
 
@@ -944,6 +948,8 @@ def validate_text_to_image_args(args: argparse.Namespace, parser: argparse.Argum
         _check_model_reference(
             parser, "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, TASK_TEXT_TO_IMAGE
         )
+    text_encoders = ("text_encoder", "text_encoder_2") if args.train_text_encoder else ()
+    _check_target_modules(parser, args.target_modules, adapted_roles=("unet", *text_encoders))
     _validate_shared_args(args, parser)
 
 
@@ -977,6 +983,7 @@ def validate_causal_lm_args(args: argparse.Namespace, parser: argparse.ArgumentP
     _check_at_least(parser, "--per_device_train_batch_size", args.per_device_train_batch_size, 1)
     _check_at_least(parser, "--per_device_eval_batch_size", args.per_device_eval_batch_size, 1)
     _check_at_least(parser, "--loss_chunk_size", args.loss_chunk_size, 0)
+    _check_target_modules(parser, args.target_modules, adapted_roles=("llm",))
     _validate_shared_args(args, parser)
 
 
@@ -1003,6 +1010,21 @@ def _validate_shared_args(args: argparse.Namespace, parser: argparse.ArgumentPar
     _check_resume_from_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
     _check_output_dir(parser, args.output_dir)
     _check_mixed_precision(parser, args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
+
+
+def _check_target_modules(parser: argparse.ArgumentParser, patterns, adapted_roles: tuple[str, ...]) -> None:
+    """`--target_modules` role prefixes (`unet:to_q`) name a known role, and one this run adapts."""
+    for pattern in patterns or ():
+        try:
+            role, _ = split_target_pattern(pattern)
+        except ValueError as error:
+            parser.error(f"--target_modules {error}")
+        if role is not None and role not in adapted_roles:
+            hint = " (add --train_text_encoder)" if role.startswith("text_encoder") and "unet" in adapted_roles else ""
+            parser.error(
+                f"--target_modules {pattern!r} narrows the {role}, which this run does not adapt{hint}; role prefixes"
+                f" here: {', '.join(adapted_roles)}, or none to match in every model."
+            )
 
 
 def _check_hub_reachable(parser: argparse.ArgumentParser, push_to_hub: bool) -> None:

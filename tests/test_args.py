@@ -449,3 +449,39 @@ def test_loss_chunk_size_and_offload_activations_defaults_and_help():
 
 def test_negative_loss_chunk_size_is_refused(text_file, capsys):
     assert_usage_error(parse_causal_lm, _clm(text_file, "--loss_chunk_size", "-1"), capsys, "--loss_chunk_size -1")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --target_modules per model: ROLE:PATTERN
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_target_modules_take_role_prefixes_per_model(image_dir, text_file):
+    argv = _t2i(image_dir, "--train_text_encoder", "--target_modules", "unet:to_q", "to_v", "text_encoder:q_proj")
+    args = parse_text_to_image(argv)
+    config = adapter_config_from_args(args)
+    assert config.target_modules == ("unet:to_q", "to_v", "text_encoder:q_proj")
+    assert parse_causal_lm(_clm(text_file, "--target_modules", "llm:q_proj", "v_proj")).target_modules == [
+        "llm:q_proj",
+        "v_proj",
+    ]
+    help_text = " ".join(text_to_image_parser().format_help().split())
+    assert "unet:to_q unet:to_v text_encoder:q_proj" in help_text and "text_encoder_2:" in help_text
+
+
+@pytest.mark.parametrize(
+    "patterns, expected",
+    [
+        (["unte:to_q"], ["--target_modules", "'unte:to_q'", "unknown role prefix 'unte'", "unet, text_encoder"]),
+        (["unet:"], ["--target_modules", "'unet:'", "no module-name pattern"]),
+        (["text_encoder:q_proj"], ["'text_encoder:q_proj'", "does not adapt", "add --train_text_encoder"]),
+        (["llm:q_proj"], ["'llm:q_proj'", "does not adapt", "role prefixes here: unet"]),
+    ],
+)
+def test_text_to_image_rejects_bad_role_prefix_before_loading(patterns, expected, image_dir, capsys):
+    assert_usage_error(parse_text_to_image, _t2i(image_dir, "--target_modules", *patterns), capsys, *expected)
+
+
+def test_causal_lm_rejects_a_unet_role_prefix(text_file, capsys):
+    argv = _clm(text_file, "--target_modules", "unet:to_q")
+    assert_usage_error(parse_causal_lm, argv, capsys, "'unet:to_q'", "does not adapt", "role prefixes here: llm")
