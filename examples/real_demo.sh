@@ -14,7 +14,7 @@ PY="$VENV/bin/python"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export DIFFUSERS_LOWMEM_CACHE=${DIFFUSERS_LOWMEM_CACHE:-$HOME/.cache/diffusers_lowmem/real}
 CACHE=$DIFFUSERS_LOWMEM_CACHE
-STEPS=${REAL_DEMO_STEPS:-16}
+STEPS=${REAL_DEMO_STEPS:-8}
 started=$(date +%s)
 
 # The material's packages: the GGUF model (its declared dependencies are the `llm` CLI, not needed), the GGUF reader
