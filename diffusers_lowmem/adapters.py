@@ -380,11 +380,11 @@ def attach_adapter(
             _create_module(lora_name(prefix, name), module, config, bypass_mode) for name, module in targets.items()
         ]
     network = _new_network(model, lycoris_modules)
+    _register(model, network)  # the LyCORIS modules become the network's submodules here
     if fake_base:
         estimate.fake_copies_(network)
     device = next(iter(targets.values())).weight.device
     estimate.module_to_(network, device=device if device.type != "meta" else "cpu", dtype=torch.float32)
-    _register(model, network)
     network.requires_grad_(True)
     logger.info(f"Attached {config.algo} to {len(lycoris_modules)} layers of the {role} ({_count(network):,} params).")
     return network
@@ -639,7 +639,8 @@ def _with_alpha(weights: Mapping[str, torch.Tensor], key_name: str, rank: int) -
     """kohya's convention for files without `alpha` (some trainers leave it out): alpha = rank, a scale of 1."""
     if f"{key_name}.alpha" in weights:
         return weights
-    return {**_stored(weights, key_name, _MODULE_TENSOR_NAMES), f"{key_name}.alpha": torch.tensor(float(rank))}
+    own = {f"{key_name}.{name}": tensor for name, tensor in _stored(weights, key_name, _MODULE_TENSOR_NAMES).items()}
+    return {**own, f"{key_name}.alpha": torch.tensor(float(rank))}
 
 
 # Every tensor name LyCORIS' LoCon/LoHa modules store, for copying one module's tensors.

@@ -21,7 +21,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusers_lowmem import adapters, architectures, peft_format
 from diffusers_lowmem.adapters import AdapterConfig
@@ -154,7 +154,7 @@ def expected_update(tensors, key_name, layer, inputs):
     - lora/locon: `up @ down`, so `up (down x)`;
     - loha: `(w1_a @ w1_b) * (w2_a @ w2_b)`, which is `C @ D` with `C[o, (i, j)] = w1_a[o, i] w2_a[o, j]` and
       `D[(i, j), n] = w1_b[i, n] w2_b[j, n]`;
-    - lokr: `kron(w1, w2)` (each half full or `a @ b`), applied as `w1 X w2^T` on the input split into `(c, d)`
+    - lokr: `kron(w1, w2)` (each half full, `a @ b` or a Tucker core with its two factors), applied as `w1 X w2^T` on the input split into `(c, d)`
       blocks (for a convolution, `w2` convolves each of the `c` channel groups);
 
     times `alpha / rank` once; a LoKr module with two full halves has no rank and a scale of 1.
@@ -182,7 +182,11 @@ def expected_update(tensors, key_name, layer, inputs):
             w1, rank = tensor("lokr_w1_a") @ tensor("lokr_w1_b"), tensor("lokr_w1_b").shape[0]
         w2 = tensor("lokr_w2")
         if w2 is None:
-            w2, rank = tensor("lokr_w2_a") @ tensor("lokr_w2_b"), tensor("lokr_w2_b").shape[0]
+            w2_a, w2_b, rank = tensor("lokr_w2_a"), tensor("lokr_w2_b"), tensor("lokr_w2_b").shape[0]
+            if tensor("lokr_t2") is None:
+                w2 = w2_a @ w2_b
+            else:  # Tucker: a core over the kernel, contracted with the two modes' factors
+                w2 = torch.einsum("ij...,ip,jq->pq...", tensor("lokr_t2"), w2_a, w2_b)
         (a, c), b = w1.shape, w2.shape[0]
         w2 = w2.reshape(b, in_dim // c, *kernel)
         batch = inputs.shape[0]
@@ -318,3 +322,95 @@ def assert_peft_export_matches(config, model, network, saved, sampled, architect
         with torch.no_grad():
             delta = peft_layer.get_delta_weight("default")
             assert_relative_close(apply_weight(layer, delta, inputs), expected_update(saved, key_name, layer, inputs))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files from other trainers: no metadata, any factorisation LyCORIS can write, or none it would choose
+# --------------------------------------------------------------------------------------------------------------------
+
+# SD 1.5's 1920 -> 640 3x3 convolution of the issue, and a 1280 -> 320 linear layer.
+OTHER_TRAINER_LAYERS = ("up_blocks.2.resnets.0.conv1", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2")
+
+
+def lycoris_lokr_tensors(layer, seed, **options):
+    """The tensors LyCORIS' own LoKr module writes for `layer` with `options` (random values)."""
+    from lycoris.modules import LokrModule
+
+    module = LokrModule("x", layer.to_empty(device="cpu"), **options)
+    randomize_(module, seed)
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(lora_dim=8, alpha=2, factor=-1),
+        dict(lora_dim=8, alpha=2, factor=4, decompose_both=True),
+        dict(lora_dim=4, alpha=1, factor=8, use_tucker=True),
+        dict(lora_dim=4, alpha=16, factor=-1, unbalanced_factorization=True),
+        dict(lora_dim=16, alpha=4, factor=32, decompose_both=True),
+    ],
+    ids=lambda options: "-".join(f"{key}={value}" for key, value in options.items()),
+)
+def test_lycoris_lokr_files_without_metadata_load_back(options, tmp_path):
+    template = architectures.build_on_meta("sd15", "unet")
+    weights = {}
+    for seed, path in enumerate(OTHER_TRAINER_LAYERS):
+        tensors = lycoris_lokr_tensors(template.get_submodule(path), seed, **options)
+        weights.update({f"{adapters.lora_name('lora_unet', path)}.{key}": value for key, value in tensors.items()})
+    assert_file_loads_as_stored(weights, tmp_path)
+
+
+def test_lokr_factors_lycoris_would_never_choose_and_missing_alpha_load(tmp_path):
+    """Factors by another rule (1920 = 10 x 192 in, 640 = 40 x 16 out), and kohya-style files without `alpha`."""
+    generator = torch.Generator().manual_seed(0)
+    conv, linear = (adapters.lora_name("lora_unet", path) for path in OTHER_TRAINER_LAYERS)
+    weights = {
+        f"{conv}.lokr_w1": torch.randn(40, 10, generator=generator),
+        f"{conv}.lokr_w2_a": torch.randn(16, 4, generator=generator),
+        f"{conv}.lokr_w2_b": torch.randn(4, 192 * 9, generator=generator) / 40,
+        f"{conv}.alpha": torch.tensor(2.0),
+        f"{linear}.lora_down.weight": torch.randn(6, 1280, generator=generator) / 36,
+        f"{linear}.lora_up.weight": torch.randn(320, 6, generator=generator),
+    }
+    loaded = assert_file_loads_as_stored(weights, tmp_path)
+    assert {module.lora_name: module.scale for module in loaded.loras} == {conv: 0.5, linear: 1.0}
+
+
+def assert_file_loads_as_stored(weights, tmp_path):
+    """`weights` saved without metadata load into SD 1.5's UNet: same tensors, and the update the tensors say, in
+    bypass and merged."""
+    path = tmp_path / "other.safetensors"
+    save_file(weights, str(path))
+    unet = architectures.build_on_meta("sd15", "unet")
+    network = adapters.load_adapter(unet, path)["unet"]
+    state = network.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in weights.items() if key in state)
+    assert {key for key in weights if not key.endswith(".alpha")} <= set(state)
+    modules = {module.lora_name: module for module in network.loras}
+    for key_name, module in modules.items():
+        layer = module.org_module[0]
+        inputs = layer_inputs(layer)
+        with torch.no_grad():
+            assert_relative_close(module.bypass_forward_diff(inputs), file_update(weights, key_name, layer, inputs))
+    adapters.detach_adapter(unet)
+    layers = {key_name: module.org_module[0] for key_name, module in modules.items()}
+    for layer in layers.values():
+        layer.to_empty(device="cpu")
+        with torch.no_grad():
+            for parameter in layer.parameters(recurse=False):
+                parameter.zero_()
+    adapters.load_adapter(unet, path, merge=True)
+    for key_name, layer in layers.items():
+        inputs = layer_inputs(layer)
+        with torch.no_grad():
+            assert_relative_close(layer(inputs), file_update(weights, key_name, layer, inputs))
+    return network
+
+
+def file_update(weights, key_name, layer, inputs):
+    """`expected_update`, reading a missing alpha as kohya does: alpha = rank (a scale of 1)."""
+    if f"{key_name}.alpha" not in weights:
+        rank = weights[f"{key_name}.lora_down.weight"].shape[0]
+        weights = {**weights, f"{key_name}.alpha": torch.tensor(float(rank))}
+    return expected_update(weights, key_name, layer, inputs)
