@@ -371,3 +371,53 @@ def test_gpt2_adapter_loads_into_a_fresh_gpt2(tmp_path):
     adapters.load_adapter(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids).logits, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_role_prefixed_target_patterns_narrow_one_model_each(sd_pipeline, tmp_path):
+    unet, text_encoder = sd_pipeline.unet, sd_pipeline.text_encoder
+    config = AdapterConfig(algo="lora", target_modules=("unet:to_q", "text_encoder:q_proj", "to_v"))
+    unet_targets = adapters.find_target_modules(unet, "unet", config)
+    text_targets = adapters.find_target_modules(text_encoder, "text_encoder", config)
+    assert {name.rsplit(".", 1)[1] for name in unet_targets} == {"to_q", "to_v"}
+    assert {name.rsplit(".", 1)[1] for name in text_targets} == {"q_proj"}  # to_v names no CLIP layer
+
+    # A model no pattern applies to keeps its preset's targets.
+    unet_only = AdapterConfig(algo="lora", target_modules=("unet:to_q",))
+    assert adapters.find_target_modules(text_encoder, "text_encoder", unet_only).keys() == (
+        adapters.find_target_modules(text_encoder, "text_encoder", AdapterConfig(algo="lora")).keys()
+    )
+    networks = {
+        "unet": adapters.attach_adapter(unet, config, role="unet"),
+        "text_encoder": adapters.attach_adapter(text_encoder, config, role="text_encoder"),
+    }
+    path = adapters.save_adapter(tmp_path, networks, config)
+    fresh = tiny.build_tiny_sd_pipeline(seed=0)
+    loaded = adapters.load_adapter(fresh, path)
+    assert {module.lora_name for module in loaded["text_encoder"].loras} == {
+        adapters.lora_name("lora_te_text_model", name) for name in text_targets
+    }
+    assert AdapterConfig.from_metadata(json_metadata(path)) == config
+
+
+def json_metadata(path):
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+def test_pattern_matching_nothing_in_one_model_names_it_and_its_prefix(sd_pipeline):
+    """A UNet-only pattern with --train_text_encoder: the error names the text encoder and `text_encoder:`."""
+    config = AdapterConfig(algo="lora", target_modules=("to_q", "to_k"))
+    assert adapters.find_target_modules(sd_pipeline.unet, "unet", config)
+    with pytest.raises(ValueError) as raised:
+        adapters.find_target_modules(sd_pipeline.text_encoder, "text_encoder", config)
+    message = str(raised.value)
+    assert "the text_encoder (CLIPTextModel)" in message and "--target_modules to_q to_k" in message
+    assert "'text_encoder:'" in message and "q_proj" in message and "text_encoder:" in message
+
+
+@pytest.mark.parametrize("pattern, expected", [("vae:conv_in", "unknown role prefix 'vae'"), ("unet:", "no module")])
+def test_bad_role_prefix_is_refused_by_the_config(pattern, expected):
+    with pytest.raises(ValueError, match=expected):
+        AdapterConfig(target_modules=(pattern,))
+    assert adapters.split_target_pattern("text_encoder_2:q_proj") == ("text_encoder_2", "q_proj")
+    assert adapters.split_target_pattern("down_blocks.0.*") == (None, "down_blocks.0.*")
