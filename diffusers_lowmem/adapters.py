@@ -282,11 +282,22 @@ def _no_target_message(model: nn.Module, role: str, config: AdapterConfig, candi
         return f"No layer of {model_name} can get a {config.algo} adapter: the model has no adaptable layers."
     leaves = sorted({name.rsplit(".", 1)[-1] for name in candidates})
     shown = ", ".join(leaves[:12]) + (", ..." if len(leaves) > 12 else "")
-    example = f"{role}{ROLE_PATTERN_SEPARATOR}{leaves[0] if leaves else _EXAMPLE_LEAF[role]}"
+    leaf = _EXAMPLE_LEAF[role] if _EXAMPLE_LEAF[role] in leaves or not leaves else leaves[0]
+    # The user's patterns kept for the models they were meant for (prefixed where they had no prefix), plus one
+    # for this model.
+    others = [pattern for pattern in config.target_modules if split_target_pattern(pattern)[0] != role]
+    other_role = "unet" if role != "unet" else "text_encoder"
+    kept = [pattern if split_target_pattern(pattern)[0] else f"{other_role}:{pattern}" for pattern in others]
+    if role == "llm":  # one model: the patterns just name no layer of it
+        return (
+            f"No layer of {model_name} matches --target_modules {' '.join(config.target_modules)}: pass patterns"
+            f" that name its layers, e.g. --target_modules {leaf}. Its adaptable layers end in: {shown}."
+        )
+    example = " ".join([*kept, f"{role}{ROLE_PATTERN_SEPARATOR}{leaf}"])
     return (
         f"No layer of {model_name} matches --target_modules {' '.join(config.target_modules)}. Patterns without a"
-        f" role prefix apply to every model; give this model its own with the prefix"
-        f" '{role}{ROLE_PATTERN_SEPARATOR}' (e.g. {example}). Its adaptable layers end in: {shown}."
+        f" role prefix apply to every model; give this model its own patterns with the prefix"
+        f" '{role}{ROLE_PATTERN_SEPARATOR}', e.g. --target_modules {example}. Its adaptable layers end in: {shown}."
     )
 
 
