@@ -10,7 +10,9 @@
 # versions, a bitsandbytes check on the device (stops here if the environment cannot run the suite); (3)
 # OUT/calibration.json: CUDA context and cuBLAS workspace bytes; (4) the adapter x quant matrices, one process per
 # cell, each line of OUT/results.jsonl written as its cell or estimate finishes; (5) OUT/suite.md, OUT/suite.json
-# and OUT/cells.tar.gz (logs and reports of every cell), written even when a step failed or ran out of time.
+# and OUT/cells.tar.gz (logs and reports of every cell), written even when a step failed or ran out of time; (6) on
+# the GPU, with time left, OUT/snapshot.pickle.gz: the CUDA memory history of the cell whose peak is furthest (> 5 %)
+# from its estimate (open it at pytorch.org/memory_viz).
 #
 # Environment: PYTHON (python3), GPU_SUITE_WHEELS (.whl), GPU_SUITE_WORK (a fresh folder under /tmp; cell outputs,
 # weights, the installed wheels), GPU_SUITE_BUDGET (seconds for the whole run: 510 on the GPU, 600 dry),
