@@ -765,8 +765,18 @@ def stop_with_checkpoint(
     if accelerator.is_main_process:
         tracker.write_report(output_dir)
     logger.info(f"Stopped by {by} at step {global_step}; saved {path}. Continue with --resume_from_checkpoint latest.")
-    accelerator.end_training()
+    end_training(accelerator)
     return path
+
+
+def end_training(accelerator) -> None:
+    """`accelerator.end_training()` once every process has got there. Call on every process.
+
+    Its `destroy_process_group` can hang a process whose peers destroyed the group while it was still writing the
+    main process's files (pytorch/pytorch#75097); a barrier first makes the processes tear the group down together.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def verify_identical_across_processes(accelerator, parameters) -> float:
