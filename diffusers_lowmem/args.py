@@ -836,6 +836,20 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
         help="Log allocated, reserved and peak device memory (and host RSS) to the trackers every N optimizer steps.",
     )
     group.add_argument(
+        "--estimate_memory",
+        type=float,
+        nargs="?",
+        const=0.0,
+        default=None,
+        metavar="GIB",
+        help="Do not train: predict this command's peak device memory (torch.cuda.max_memory_allocated) by running"
+        " its setup and two optimizer steps on fake tensors (shapes, no data), in seconds on any machine, without a"
+        " GPU, weights or data (model configs only; batch shapes come from the flags). Prints a table and writes"
+        " OUTPUT_DIR/memory_estimate.json (peak, breakdown, what holds the peak). With GIB (e.g. 12), also whether"
+        " the run fits a device of that many GiB (CUDA context and cuBLAS workspace added) and, if not, which flags"
+        " would make it fit.",
+    )
+    group.add_argument(
         "--offload_activations",
         action="store_true",
         help="Keep the activations saved for backward in host memory (pinned when CUDA is available), copied off the"
@@ -911,9 +925,10 @@ def validate_text_to_image_args(args: argparse.Namespace, parser: argparse.Argum
         args: The parsed arguments of `text_to_image_parser()`.
         parser: The parser that produced them, to report errors with its usage line.
     """
-    if args.dataset_name is None and args.train_data_dir is None:
+    estimating = args.estimate_memory is not None  # the estimate reads no data: data flags are not needed
+    if args.dataset_name is None and args.train_data_dir is None and not estimating:
         parser.error("Need either a dataset name or a training folder. Pass --dataset_name or --train_data_dir.")
-    if args.dataset_name is None:  # upstream ignores --train_data_dir when --dataset_name is given
+    if args.dataset_name is None and not estimating:  # upstream ignores --train_data_dir with --dataset_name
         _check_data_dir(parser, "--train_data_dir", args.train_data_dir)
     if args.resolution <= 0 or args.resolution % VAE_SCALE_FACTOR:
         lower = max(args.resolution // VAE_SCALE_FACTOR * VAE_SCALE_FACTOR, VAE_SCALE_FACTOR)
@@ -960,9 +975,10 @@ def validate_causal_lm_args(args: argparse.Namespace, parser: argparse.ArgumentP
         args: The parsed arguments of `causal_lm_parser()`.
         parser: The parser that produced them, to report errors with its usage line.
     """
-    if args.dataset_name is None and args.train_file is None:
+    estimating = args.estimate_memory is not None  # the estimate reads no data: data flags are not needed
+    if args.dataset_name is None and args.train_file is None and not estimating:
         parser.error("Need either a dataset name or a training/validation file. Pass --dataset_name or --train_file.")
-    if args.dataset_name is None:  # upstream reads the files only without --dataset_name
+    if args.dataset_name is None and not estimating:  # upstream reads the files only without --dataset_name
         _check_data_files(parser, args.train_file, args.validation_file)
     if args.model_name_or_path is None:
         parser.error(
@@ -1001,6 +1017,8 @@ def _validate_shared_args(args: argparse.Namespace, parser: argparse.ArgumentPar
     if not 0.0 <= args.adapter_dropout < 1.0:
         parser.error(f"--adapter_dropout {args.adapter_dropout} must be in [0, 1): it is the probability of a drop.")
     _check_at_least(parser, "--memory_log_steps", args.memory_log_steps, 1)
+    if args.estimate_memory is not None and args.estimate_memory < 0:
+        parser.error(f"--estimate_memory {args.estimate_memory} must be a budget in GiB > 0, or given without one.")
     _check_at_least(parser, "--gradient_accumulation_steps", args.gradient_accumulation_steps, 1)
     if args.checkpoints_total_limit is not None:
         _check_at_least(parser, "--checkpoints_total_limit", args.checkpoints_total_limit, 1)

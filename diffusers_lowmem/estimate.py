@@ -16,6 +16,7 @@ rounding (512 bytes) is applied; its fragmentation (reserved minus allocated) is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -53,22 +54,38 @@ def device_overhead_bytes() -> dict[str, int]:
     return {"cuda_context": CUDA_CONTEXT_BYTES, "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
 
 
-def warm_bitsandbytes() -> None:
-    """Builds bitsandbytes' quantization maps and caches on real tensors once, before fake mode.
+@contextmanager
+def _bitsandbytes_maps_on_real_tensors():
+    """bitsandbytes' quantization maps made on real tensors, also inside fake mode.
 
-    bitsandbytes makes its maps from Python lists (`.tolist()` on tensors), which fake tensors cannot give. Running
-    each op the trainers use once on a small real tensor fills its caches; a missing bitsandbytes is left alone.
+    bitsandbytes builds its maps from Python lists (`.tolist()`), which fake tensors cannot give: the blockwise and
+    NF4 ops build them on first use (cached), and every 8-bit optimizer builds its own in `__init__`. The maps are
+    small constants; here they are made outside fake mode (a missing bitsandbytes is left alone).
     """
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
+        yield
         return
-    weight = torch.zeros(64, 64)
+    originals = {name: getattr(bnb_functional, name) for name in ("create_dynamic_map", "create_normal_map")}
+
+    def outside_fake_mode(make_map):
+        def make(*args, **kwargs):
+            with unset_fake_temporarily():
+                return make_map(*args, **kwargs)
+
+        return make
+
+    for name, make_map in originals.items():
+        setattr(bnb_functional, name, outside_fake_mode(make_map))
+    weight = torch.zeros(64, 64)  # fills the caches the functional ops keep
     bnb_functional.quantize_4bit(weight, compress_statistics=True, quant_type="nf4")
     bnb_functional.quantize_blockwise(weight.flatten(), blocksize=256)
-    bnb_functional.int8_vectorwise_quant(weight.half())
-    for name in ("dynamic", "udynamic"):
-        bnb_functional.name2qmap.setdefault(name, bnb_functional.create_dynamic_map(signed=name == "dynamic"))
+    try:
+        yield
+    finally:
+        for name, make_map in originals.items():
+            setattr(bnb_functional, name, make_map)
 
 
 @contextmanager
@@ -81,39 +98,104 @@ def fake_run(device_type: str = "cpu"):
     Yields:
         The `memory.LiveTensorCounter`; set its `phase` to name the setup steps ("load", "quantize", ...).
     """
-    warm_bitsandbytes()
     # Real tensors made before (tokenizer outputs, bitsandbytes' maps, rotary tables) may meet fake ones.
-    with FakeTensorMode(allow_non_fake_inputs=True), LiveTensorCounter(device_type) as counter:
+    with (
+        _bitsandbytes_maps_on_real_tensors(),
+        _unpacked_sequences(),
+        FakeTensorMode(allow_non_fake_inputs=True),
+        LiveTensorCounter(device_type) as counter,
+    ):
         yield counter
 
 
 @contextmanager
-def real_tensors(counter: LiveTensorCounter):
-    """Inside a fake run: real tensors again, not counted. For building a model's skeleton on the meta device (its
-    parameters then become fake as the trainer materialises or quantizes them) and for tokenizers."""
-    with unset_fake_temporarily(), counter.paused():
+def _unpacked_sequences():
+    """transformers' decision for a training batch of whole blocks, which it cannot take on fake tensors.
+
+    With no attention mask, transformers looks at the position ids for packed sequences; it reads their values, and
+    on fake tensors (which have none) it assumes packing and builds a 4-d mask, which also turns off SDPA's grouped
+    query attention (the keys and values are then repeated per head). The batches both trainers make are blocks of
+    unpacked text, for which it finds no packing and uses SDPA's causal kernel: the estimate says so directly.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    find_packed = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = find_packed
+
+
+def _counters_entered() -> list[LiveTensorCounter]:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return [mode for mode in _get_current_dispatch_mode_stack() if isinstance(mode, LiveTensorCounter)]
+
+
+@contextmanager
+def real_tensors():
+    """Inside a fake run: real tensors again, and not counted. For building a model's skeleton on the meta device
+    (its parameters become fake as the trainer materialises or quantizes them), and for library code that reads
+    tensor values while it builds (LyCORIS modules, whose parameters `fake_copies_` then replaces)."""
+    counters = _counters_entered()
+    with unset_fake_temporarily(), contextlib.ExitStack() as stack:
+        for counter in counters:
+            stack.enter_context(counter.paused())
         yield
 
 
-def cast_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`module.to(dtype)` for its floating parameters and buffers, in place, also on fake tensors.
-
-    `nn.Module.to` swaps fake parameters (`torch.utils.swap_tensors`), which fails on them; assigning `.data`, as
-    `nn.Module.to` does for ordinary tensors, keeps the parameters' identity in both cases.
-
-    Args:
-        module: The module, changed in place.
-        dtype: The floating dtype.
+def fake_copies_(module: nn.Module) -> nn.Module:
+    """Replaces every real parameter and buffer of `module` by an uninitialised one of the same shape and dtype on
+    the same device, made in the fake mode in force (and so counted), in place. Values do not matter to the
+    estimate; requires_grad is kept.
 
     Returns:
         `module`.
     """
-    if not any(is_fake(tensor) for tensor in module.parameters()):
-        return module.to(dtype=dtype)
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor.data = tensor.data.to(dtype)
+    for submodule in module.modules():
+        for name, parameter in list(submodule._parameters.items()):
+            if parameter is not None and not is_fake(parameter):
+                fake = torch.empty(parameter.shape, dtype=parameter.dtype, device=parameter.device)
+                submodule._parameters[name] = nn.Parameter(fake, requires_grad=parameter.requires_grad)
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None and not is_fake(buffer):
+                submodule._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=buffer.device)
     return module
+
+
+def module_to_(module: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """`module.to(device, dtype)` that also works on fake tensors; `dtype` applies to floating tensors only.
+
+    `nn.Module.to` swaps fake parameters (`torch.utils.swap_tensors`), which fails on them (fake mode holds a weak
+    reference to each). On fake modules this assigns `.data` instead, as `nn.Module.to` does for ordinary tensors,
+    so parameters keep their identity either way. Real modules go through `nn.Module.to` unchanged.
+
+    Args:
+        module: The module, changed in place.
+        device: The target device, or `None` to stay.
+        dtype: The floating dtype, or `None` to keep each tensor's.
+
+    Returns:
+        `module`.
+    """
+    if not is_fake_module(module):
+        return module.to(device=device, dtype=dtype)
+    for submodule in module.modules():
+        for parameter in submodule._parameters.values():
+            if parameter is not None:
+                parameter.data = _moved(parameter.data, device, dtype)
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None:
+                submodule._buffers[name] = _moved(buffer, device, dtype)
+    return module
+
+
+def _moved(tensor: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else None)
 
 
 def is_fake_module(module: nn.Module) -> bool:

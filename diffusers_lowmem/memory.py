@@ -380,6 +380,8 @@ class LiveTensorCounter(TorchDispatchMode):
         self._hook_handles: list = []
         self._phase_before_step: list[str] = []
         self._paused = 0
+        # Storages `forget` took off the count, which `adopt` must not bring back (weak: ids are reused).
+        self._forgotten: dict[int, weakref.ref] = {}
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------------
 
@@ -430,7 +432,8 @@ class LiveTensorCounter(TorchDispatchMode):
     # ---- what callers use ----------------------------------------------------------------------------------------
 
     def adopt(self, tensors: Iterable[torch.Tensor], kind: str = KIND_WEIGHTS, owner: str = "weights") -> None:
-        """Counts tensors made before the counter started (their quantization state included), each storage once.
+        """Counts tensors made before the counter started (their quantization state included), each storage once;
+        storages `forget` took off the count stay off.
 
         Args:
             tensors: Tensors or parameters; those not on `device_type` are skipped.
@@ -439,8 +442,33 @@ class LiveTensorCounter(TorchDispatchMode):
         """
         for tensor in tensors:
             for stored in stored_tensors(tensor):
-                if self._counts(stored):
+                if self._counts(stored) and not self._was_forgotten(stored.untyped_storage()):
                     self._register(stored.untyped_storage(), kind, owner)
+
+    def _was_forgotten(self, storage) -> bool:
+        reference = self._forgotten.get(id(storage))
+        return reference is not None and reference() is storage
+
+    def forget(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Stops counting `tensors` (their quantization state included), as if they had left the device.
+
+        For models moved off the accelerator where the counted device is the CPU (a CPU run, or the memory
+        estimate's fake CPU device): `model.to("cpu")` frees nothing there, but on a GPU it would.
+
+        Returns:
+            The bytes no longer counted.
+        """
+        forgotten = 0
+        for tensor in tensors:
+            for stored in stored_tensors(tensor):
+                if self._counts(stored):
+                    storage = stored.untyped_storage()
+                    self._forgotten[id(storage)] = weakref.ref(storage)
+                    record = self._live.pop(id(storage), None)
+                    if record is not None:
+                        self.live_bytes -= record.nbytes
+                        forgotten += record.nbytes
+        return forgotten
 
     def name_modules(self, models: dict[str, nn.Module]) -> None:
         """Names every module of `models` by `"{prefix}.{qualified name}"`, for `at_peak`; also relabels the live
@@ -541,14 +569,28 @@ class LiveTensorCounter(TorchDispatchMode):
     def _leave_step(self, optimizer, args, kwargs) -> None:
         self.phase = self._phase_before_step.pop() if self._phase_before_step else self.phase
 
+    @property
+    def active(self) -> bool:
+        """Whether the counter is entered (counting)."""
+        return bool(self._hook_handles)
+
     def start(self) -> LiveTensorCounter:
         """Enters the counter (as `with` does) and installs its module and optimizer hooks; returns it."""
         self.__enter__()
         return self
 
     def stop(self) -> None:
-        """Leaves the counter and removes its hooks; what it counted stays readable."""
-        self.__exit__(None, None, None)
+        """Leaves the counter and removes its hooks; what it counted stays readable. Call it with no dispatch mode
+        entered after this one (modes leave in the order they came)."""
+        if self.active:
+            self.__exit__(None, None, None)
+
+    def stop_if_innermost(self) -> None:
+        """`stop`, only where this counter is the innermost dispatch mode (else leaving it would leave another)."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        if self.active and _get_current_dispatch_mode() is self:
+            self.stop()
 
     def __enter__(self):
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
@@ -779,6 +821,13 @@ class MemoryTracker:
     On CUDA, `log_step` resets the allocator's peak statistics (`torch.cuda.reset_peak_memory_stats`) after each
     read, so that each logged peak covers its own interval; the tracker keeps the run's peak itself.
 
+    Elsewhere (CPU runs) there is no allocator to ask: with `count_tensor_steps` N > 0 a `LiveTensorCounter` counts
+    the tensors made on the device from the tracker's creation through the first N logged steps (setup and the
+    first optimizer steps, where a run's peak is reached; counting costs a Python call per op, so it stops there).
+    Milestones and steps in that window then get `allocated` and `peak_allocated` as CUDA would report them, and
+    the breakdown its `activations_peak`; models passed to `watch` are counted whole. Models moved off the device
+    stop counting through `counter.forget`, as they would on a GPU.
+
     Args:
         device: The training device (`accelerator.device`).
         accelerator: The `accelerate.Accelerator` whose trackers receive the values, or `None` to only record.
@@ -786,9 +835,20 @@ class MemoryTracker:
         log_every: Log device statistics every this many steps; below 1 turns step logging off.
         models: Models the breakdown counts (see `watch`).
         optimizer: Optimizer the breakdown counts (see `watch`).
+        count_tensor_steps: Off CUDA, count live tensor bytes until this many steps have gone through `log_step`;
+            0 counts nothing.
     """
 
-    def __init__(self, device, accelerator=None, output_dir=None, log_every: int = 1, models=(), optimizer=None):
+    def __init__(
+        self,
+        device,
+        accelerator=None,
+        output_dir=None,
+        log_every: int = 1,
+        models=(),
+        optimizer=None,
+        count_tensor_steps: int = 0,
+    ):
         self.device = torch.device(device)
         self.accelerator = accelerator
         # Read once: fixed for the run, and accelerate's properties cost a few µs each on the per-step path.
@@ -810,11 +870,31 @@ class MemoryTracker:
         self._bytes_on_device = 0
         # The allocator's peak then covers this run, not what the process did before.
         _reset_peak(self.device)
+        self.counter: LiveTensorCounter | None = None
+        self._steps_to_count = count_tensor_steps
+        if self.device.type != "cuda" and count_tensor_steps > 0:
+            self.counter = LiveTensorCounter(self.device.type).start()
+            # A tracker dropped before its steps ran out (an error, a test) leaves no counter behind.
+            weakref.finalize(self, self.counter.stop_if_innermost)
         self.watch(models=models, optimizer=optimizer)
 
     @property
+    def counting(self) -> bool:
+        """Whether the live-tensor counter is counting now (off CUDA, in the first `count_tensor_steps` steps)."""
+        return self.counter is not None and self.counter.active
+
+    @property
     def _measures_device(self) -> bool:
-        return self.device.type == "cuda"
+        return self.device.type == "cuda" or self.counter is not None
+
+    def _device_memory(self) -> dict:
+        """`device_memory`, plus the counter's `allocated` (while it counts) and `peak_allocated` off CUDA."""
+        stats = device_memory(self.device)
+        if self.counter is not None:
+            if self.counter.active:
+                stats["allocated"] = self.counter.live_bytes
+            stats["peak_allocated"] = self.counter.peak_bytes
+        return stats
 
     @property
     def _counted_device_type(self) -> str | None:
@@ -836,6 +916,9 @@ class MemoryTracker:
         if optimizer is not None:
             self._optimizer = weakref.ref(optimizer)
         live_models = [model for model in (reference() for reference in self._models) if model is not None]
+        if self.counting:
+            for model in live_models:
+                self.counter.adopt(list(model.parameters()) + list(model.buffers()))
         self._static, parameters = _count_static(live_models, self._counted_device_type)
         self._parameters = [weakref.ref(parameter) for parameter in parameters]
         self._bytes_on_device = self._static.bytes_on_device
@@ -865,7 +948,7 @@ class MemoryTracker:
     def _activations_peak(self) -> int | None:
         if not self._measures_device:
             return None
-        self._update_peak(device_memory(self.device))
+        self._update_peak(self._device_memory())
         return max(0, self._peak["allocated"] - self._bytes_on_device)
 
     def _update_peak(self, stats: dict) -> None:
@@ -941,7 +1024,7 @@ class MemoryTracker:
         Returns:
             The values logged, by tag, in GiB.
         """
-        stats = device_memory(self.device)
+        stats = self._device_memory()
         self._update_peak(stats)
         measured = {field: stats.get(field) for field in MILESTONE_FIELDS}
         breakdown = self.breakdown()
@@ -975,10 +1058,16 @@ class MemoryTracker:
         Returns:
             The values logged, by tag, in GiB, or `None` on a step that is not logged.
         """
+        if self.counting:
+            self._steps_to_count -= 1
         if self.log_every < 1 or step % self.log_every:
+            self._stop_counting_when_done()
             return None
-        stats = device_memory(self.device)
+        stats = self._device_memory()
         _reset_peak(self.device)
+        if self.counting:
+            self.counter.reset_peak()  # each logged peak covers its own interval, as on CUDA
+        self._stop_counting_when_done()
         self._update_peak(stats)
         if self._num_processes > 1:
             stats = self._max_over_ranks({field: stats.get(field) for field in STEP_FIELDS})
@@ -987,6 +1076,11 @@ class MemoryTracker:
         self._log_step_values(values, step)
         self.steps_logged += 1
         return values
+
+    def _stop_counting_when_done(self) -> None:
+        if self.counting and self._steps_to_count <= 0:
+            self._update_peak({"peak_allocated": self.counter.peak_bytes})
+            self.counter.stop()
 
     def report(self) -> dict:
         """The run's memory as a JSON-ready dict, bytes as ints.
@@ -997,7 +1091,7 @@ class MemoryTracker:
             `allocated` and `reserved` are `None` off CUDA. The breakdown is the last milestone's, or counted now if
             `watch` was called since; its `activations_peak` covers the whole run (on CUDA; `None` elsewhere).
         """
-        self._update_peak(device_memory(self.device))
+        self._update_peak(self._device_memory())
         breakdown = (self._last_breakdown or self.breakdown()).to_dict()
         if self._measures_device:
             # The milestone's estimate used the peak up to then; the run's peak may have come later.

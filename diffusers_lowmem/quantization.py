@@ -526,6 +526,11 @@ def _quantized_nf4_layer(
             quant_storage=quant_storage,
             device="meta",
         )
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a frozen layer's weight into another layout at its first
+    # forward in eval mode; that breaks on layers narrower than a quantization block (64), and a weight that
+    # changes format under the trainer (memory count, merges, saving) is not what it quantized. Keep the standard
+    # NF4 layout on every CPU.
+    layer.support_avx512bf16_for_cpu = False
     if is_fake(weight):
         # The memory estimate: the same packed weight and quantization state, made by the same bitsandbytes op (it
         # has a fake kernel), held by a plain parameter; Linear4bit.forward reads only its data and `quant_state`.

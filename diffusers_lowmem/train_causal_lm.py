@@ -17,6 +17,7 @@ The recipe reads top to bottom like the upstream script; each step is a call int
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -35,6 +36,7 @@ from diffusers_lowmem import (
     allocator,
     chunked_loss,
     data,
+    estimate,
     evaluation,
     memory,
     peft_format,
@@ -122,11 +124,12 @@ def load_model_config(args):
     )
 
 
-def load_model(args, weight_dtype: torch.dtype, tokenizer):
+def load_model(args, weight_dtype: torch.dtype, tokenizer, with_weights: bool = True):
     """The causal LM on the CPU in `weight_dtype` (on the meta device for `architecture:NAME`).
 
     `--model_name_or_path architecture:NAME` builds a real architecture (e.g. `llama2-7b`) with random weights on
     the meta device, for memory profiling without a download; it gets its weights on the way to the device.
+    Without `with_weights` (the memory estimate) any model is built that way, from its config alone.
     """
     if args.model_name_or_path.startswith(ARCHITECTURE_PREFIX):
         from diffusers_lowmem import architectures
@@ -138,13 +141,21 @@ def load_model(args, weight_dtype: torch.dtype, tokenizer):
     config = AutoConfig.from_pretrained(
         args.config_name or args.model_name_or_path, trust_remote_code=args.trust_remote_code
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path,
-        config=config,
-        torch_dtype=weight_dtype,
-        low_cpu_mem_usage=True,
-        trust_remote_code=args.trust_remote_code,
-    )
+    if with_weights:
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path,
+            config=config,
+            torch_dtype=weight_dtype,
+            low_cpu_mem_usage=True,
+            trust_remote_code=args.trust_remote_code,
+        )
+    else:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(
+                config, torch_dtype=weight_dtype, trust_remote_code=args.trust_remote_code
+            )
     # As upstream: a tokenizer with more tokens than the embedding gets rows for them (frozen, like the rest).
     embedding_size = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > embedding_size:
@@ -180,7 +191,7 @@ def place_frozen_model(model, args, weight_dtype: torch.dtype, device, quant_sto
             quant_storage=quant_storage,
         )
     quantization.materialize_meta_(model, device, weight_dtype)
-    model.to(device)
+    estimate.module_to_(model, device)
     return None
 
 
@@ -189,8 +200,29 @@ def attach_adapter(args, model):
     DDP, autocast and accelerate's hooks see it through the model)."""
     config = arg_groups.adapter_config_from_args(args)
     network = adapters.attach_adapter(model, config, role="llm")
-    network.to(dtype=torch.float32)  # trainable adapters stay fp32 under fp16/bf16 mixed precision
+    estimate.module_to_(network, dtype=torch.float32)  # trainable adapters stay fp32 under fp16/bf16 mixed precision
     return network
+
+
+def forward_loss(args, loss_fn, model, batch) -> torch.Tensor:
+    """The training forward: `loss_fn(model, batch)` (`--loss_chunk_size`), its saved activations in host memory
+    with `--offload_activations`."""
+    with activation_offload.offload_activations(args.offload_activations):
+        return loss_fn(model, batch)
+
+
+def create_optimizer(args, network, device) -> tuple[list, torch.optim.Optimizer]:
+    """The adapter's parameters and their `--optimizer`, as upstream (the adapter has no bias or norm weights to
+    exempt from weight decay; betas and eps: the optimizer's defaults, as upstream's AdamW)."""
+    trainable = training.trainable_parameters(network)
+    optimizer = training.create_optimizer(
+        [{"params": trainable, "weight_decay": args.weight_decay}],
+        args.optimizer,
+        args.learning_rate,
+        args.weight_decay,
+        device=device,
+    )
+    return trainable, optimizer
 
 
 def enable_gradient_checkpointing(args, model) -> None:
@@ -341,7 +373,10 @@ def save_outputs(args, accelerator, network, model, tokenizer, results: dict, co
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Trains and returns a summary (global step, final loss, perplexity, output paths)."""
+    """Trains and returns a summary (global step, final loss, perplexity, output paths); with
+    `--estimate_memory`, only estimates the run's memory and returns the estimate."""
+    if args.estimate_memory is not None:
+        return estimate_memory(args)
     allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     accelerator = setup_accelerator(args)
     # Data first, as upstream: a bad file fails before the model is loaded or anything is written. The blocks are
@@ -376,7 +411,13 @@ def main(args: argparse.Namespace) -> dict:
             [model], accelerator.device, lambda: mean_eval_loss(model, eval_dataloader, accelerator.device, loss_fn)
         )
     # From here on the tracker's peak covers the run (the unquantized base's visit above is not part of it).
-    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
+    tracker = memory.MemoryTracker(
+        accelerator.device,
+        accelerator,
+        args.output_dir,
+        log_every=args.memory_log_steps,
+        count_tensor_steps=estimate.ESTIMATE_STEPS,  # off CUDA: counted tensor bytes over what the estimate replays
+    )
 
     # Place the frozen base: quantized layer by layer on the way to the device with --quant.
     quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
@@ -389,15 +430,7 @@ def main(args: argparse.Namespace) -> dict:
     tracker.watch(models=[model])
     tracker.milestone("after_adapter")
 
-    # Optimizer and schedule, as upstream (the adapter has no bias or norm weights to exempt from weight decay).
-    trainable = training.trainable_parameters(network)
-    optimizer = training.create_optimizer(
-        [{"params": trainable, "weight_decay": args.weight_decay}],
-        args.optimizer,
-        args.learning_rate,
-        args.weight_decay,
-        device=accelerator.device,  # betas and eps: the optimizer's defaults, as upstream's AdamW
-    )
+    trainable, optimizer = create_optimizer(args, network, accelerator.device)
     # Steps, epochs, the LR schedule and the resume position: from the loader as each process will iterate it.
     schedule = training.TrainingSchedule.for_dataloader(
         train_dataloader,
@@ -478,8 +511,7 @@ def main(args: argparse.Namespace) -> dict:
                 # Dropout of this micro-batch depends on (seed, epoch, batch) only, so a resumed run draws the same.
                 training.seed_step(seed, epoch * schedule.batches_per_epoch + batch_index)
                 with accelerator.accumulate(model):
-                    with activation_offload.offload_activations(args.offload_activations):
-                        loss = loss_fn(model, batch)
+                    loss = forward_loss(args, loss_fn, model, batch)
                     if not training.loss_is_finite(loss, accelerator):
                         if not args.skip_nonfinite_loss:
                             raise training.nonfinite_loss_error(loss, global_step, checkpoint_root)
@@ -488,6 +520,9 @@ def main(args: argparse.Namespace) -> dict:
                         continue
                     total_loss += loss.detach().float()
                     accelerator.backward(loss)
+                    # Let the graph go now, not at the next forward: bitsandbytes' 8-bit matmul keeps its inputs on
+                    # its autograd node, which backward does not free.
+                    loss = loss.detach()
                     optimizer.step()
                     lr_scheduler.step()
                     if accelerator.sync_gradients and global_step + 1 == first_step_of_run:
@@ -630,6 +665,104 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
         tracker.write_report(args.output_dir)
     accelerator.end_training()
     return tracker.report()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --estimate_memory: the steps above, on fake tensors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def estimate_batch(args, vocab_size: int, block_size: int, device) -> dict:
+    """A training batch of the shapes the flags give (`--per_device_train_batch_size` x block size): `input_ids`
+    and `labels` (int64). The collator's all-ones `attention_mask` is left out: transformers skips an all-ones mask
+    for plain causal attention, but cannot see that it is all ones on fake tensors and would build a 4-d one."""
+    shape = (args.per_device_train_batch_size, block_size)
+    input_ids = torch.randint(0, vocab_size, shape, device=device)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def replay_on_fake_tensors(args) -> dict:
+    """Runs this recipe's setup and `estimate.ESTIMATE_STEPS` optimizer steps on fake tensors and returns the
+    estimate report (see `estimate.build_report`). Reads the model's config and tokenizer files, no weights, no data.
+    """
+    accelerator = setup_accelerator(args)
+    weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
+    device = accelerator.device
+    tokenizer = load_tokenizer(args)
+    block_size = data.resolve_block_size(tokenizer, args.block_size, data.max_positions(load_model_config(args)))
+    # The setup steps of `main`, in its order; no unquantized evaluation, no per-layer weight errors.
+    args = copy.copy(args)
+    args.eval_steps = None
+    with estimate.fake_run(device.type) as counter:
+        with estimate.real_tensors():  # the skeleton on the meta device: weights come with placing it
+            model = load_model(args, weight_dtype, tokenizer, with_weights=False)
+        counter.adopt(model.buffers())  # real buffers made with it (rotary tables) are on the device too
+        quantization.conv1d_to_linear_(model)
+        model.config.use_cache = False
+        counter.phase = "quantize" if args.quant else "load"
+        place_frozen_model(model, args, weight_dtype, device, training.quant_storage_dtype(accelerator, weight_dtype))
+        counter.phase = "adapter"
+        network = attach_adapter(args, model)
+        enable_gradient_checkpointing(args, model)
+        _, optimizer = create_optimizer(args, network, device)
+        # Already on the device (as in `main`); moving fake parameters again would fail in `nn.Module.to`.
+        model, optimizer = accelerator.prepare(model, optimizer, device_placement=[False, False])
+        counter.name_modules({"llm": model})
+        batch = estimate_batch(args, model.get_input_embeddings().weight.shape[0], block_size, device)
+        model.train()
+        loss_fn = chunked_loss.CausalLMLoss(args.loss_chunk_size)
+        breakdown = None
+        for _ in range(estimate.ESTIMATE_STEPS):
+            counter.phase = "forward"
+            loss = forward_loss(args, loss_fn, model, batch)
+            accelerator.backward(loss)
+            optimizer.step()
+            if breakdown is None:  # after the first step: gradients and the optimizer state are both held
+                breakdown = memory.memory_breakdown([model], optimizer)
+                counter.label_tensors({"llm": model}, optimizer)
+            optimizer.zero_grad()
+            del loss
+    accelerator.free_memory()
+    return estimate.build_report(counter, breakdown, "train_causal_lm " + " ".join(sys.argv[1:]))
+
+
+def memory_saving_variants(args) -> list[tuple[str, dict]]:
+    """The flag changes `--estimate_memory GIB` tries when the command does not fit, each once."""
+    variants = []
+    if args.quant != "nf4":
+        variants.append(("--quant nf4", {"quant": "nf4"}))
+    if not args.gradient_checkpointing:
+        variants.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
+    if args.optimizer == "adamw":
+        variants.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+    if args.per_device_train_batch_size > 1:
+        half = args.per_device_train_batch_size // 2
+        variants.append((f"--per_device_train_batch_size {half}", {"per_device_train_batch_size": half}))
+    if args.block_size is not None and args.block_size > 128:
+        variants.append((f"--block_size {args.block_size // 2}", {"block_size": args.block_size // 2}))
+    everything = {key: value for _, changes in variants for key, value in changes.items()}
+    if len(variants) > 1:
+        variants.append((" ".join(flags for flags, _ in variants), everything))
+    return variants
+
+
+def estimate_memory(args: argparse.Namespace) -> dict:
+    """`--estimate_memory [GIB]`: predicts the run's peak device memory without training, prints the table, writes
+    `OUTPUT_DIR/memory_estimate.json` and returns the report (see `estimate.build_report`)."""
+    report = replay_on_fake_tensors(args)
+    if args.estimate_memory:
+        report.update(estimate.verdict(report["peak_bytes"], args.estimate_memory))
+        if not report["fits"]:
+            report["suggestions"] = estimate.suggest_variants(
+                args,
+                memory_saving_variants(args),
+                lambda variant: replay_on_fake_tensors(variant)["peak_bytes"],
+                args.estimate_memory,
+            )
+    print(estimate.report_table(report))
+    if args.output_dir is not None:
+        logger.info(f"Wrote {estimate.write_report(report, args.output_dir)}")
+    return report
 
 
 def cli() -> None:

@@ -14,6 +14,7 @@ The recipe reads top to bottom like the upstream script; each step is a call int
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -28,7 +29,17 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from diffusers_lowmem import activation_offload, adapters, allocator, data, evaluation, memory, quantization, training
+from diffusers_lowmem import (
+    activation_offload,
+    adapters,
+    allocator,
+    data,
+    estimate,
+    evaluation,
+    memory,
+    quantization,
+    training,
+)
 from diffusers_lowmem import args as arg_groups
 
 logger = get_logger(__name__, log_level="INFO")
@@ -133,13 +144,14 @@ def load_model_configs(args, sdxl: bool) -> tuple[dict, dict]:
     return text_encoders, vae_config
 
 
-def load_models(args, weight_dtype: torch.dtype, sdxl: bool = False):
+def load_models(args, weight_dtype: torch.dtype, sdxl: bool = False, with_weights: bool = True):
     """Text encoders (`{role: model}`), VAE, UNet and noise scheduler, on the CPU in `weight_dtype` (meta for
     architectures).
 
     `--pretrained_model_name_or_path architecture:NAME` builds a real architecture (e.g. `sd15`) with random
     weights on the meta device, for memory profiling without a download. As upstream, the SDXL VAE stays in float32
-    unless `--pretrained_vae_model_name_or_path` gives one (SDXL's own VAE overflows in float16).
+    unless `--pretrained_vae_model_name_or_path` gives one (SDXL's own VAE overflows in float16). Without
+    `with_weights` (the memory estimate) any pipeline is built that way, from its components' configs alone.
     """
     roles = text_encoder_roles(sdxl)
     name = _architecture_name(args)
@@ -157,6 +169,9 @@ def load_models(args, weight_dtype: torch.dtype, sdxl: bool = False):
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     # SDXL's second encoder is the one with the projection that gives the pooled embedding.
     classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    if not with_weights:
+        text_encoders, vae, unet = _models_from_configs(args, roles, classes, AutoencoderKL, UNet2DConditionModel)
+        return text_encoders, vae, unet, noise_scheduler
     text_encoders = {
         role: classes[role].from_pretrained(
             path, subfolder=role, revision=revision, variant=variant, torch_dtype=weight_dtype
@@ -175,6 +190,25 @@ def load_models(args, weight_dtype: torch.dtype, sdxl: bool = False):
         path, subfolder="unet", revision=revision, variant=variant, torch_dtype=weight_dtype
     )
     return text_encoders, vae, unet, noise_scheduler
+
+
+def _models_from_configs(args, roles, text_encoder_classes: dict, vae_class, unet_class):
+    """Text encoders, VAE and UNet built on the meta device from their config files (no weight file is read)."""
+    from accelerate import init_empty_weights
+
+    path, revision = args.pretrained_model_name_or_path, args.revision
+    vae_path = args.pretrained_vae_model_name_or_path
+    with init_empty_weights():
+        text_encoders = {}
+        for role in roles:
+            model_class = text_encoder_classes[role]
+            config = model_class.config_class.from_pretrained(path, subfolder=role, revision=revision)
+            text_encoders[role] = model_class(config)
+        vae = vae_class.from_config(
+            vae_class.load_config(vae_path or path, subfolder=None if vae_path else "vae", revision=revision)
+        )
+        unet = unet_class.from_config(unet_class.load_config(path, subfolder="unet", revision=revision))
+    return text_encoders, vae, unet
 
 
 def vae_dtype(args, weight_dtype: torch.dtype, sdxl: bool) -> torch.dtype:
@@ -200,7 +234,7 @@ def place_frozen_model(model, args, weight_dtype, device, role: str, quant_stora
             convolutions=True,
         )
     quantization.materialize_meta_(model, device, weight_dtype)
-    model.to(device, dtype=weight_dtype)
+    estimate.module_to_(model, device, weight_dtype)
     return None
 
 
@@ -209,7 +243,7 @@ def place_vae(vae, args, weight_dtype, device, sdxl: bool) -> None:
     vae.requires_grad_(False)
     dtype = vae_dtype(args, weight_dtype, sdxl)
     quantization.materialize_meta_(vae, device, dtype)
-    vae.to(device, dtype=dtype)
+    estimate.module_to_(vae, device, dtype)
 
 
 def attach_adapters(args, unet, text_encoders: dict, sdxl: bool = False) -> dict:
@@ -401,10 +435,13 @@ def cache_text_encoder_outputs(dataset, text_encoders: dict, sdxl: bool, batch_s
     return data.WithCachedEncodings(dataset, _cache(dataset, batch_size, "Caching text-encoder outputs", encode))
 
 
-def move_off_device(*models) -> None:
-    """Moves models that are no longer needed on the device (after caching) to the CPU."""
+def move_off_device(*models, counter: memory.LiveTensorCounter | None = None) -> None:
+    """Moves models that are no longer needed on the device (after caching) to the CPU. Where the counted device
+    is the CPU itself (`counter`: a CPU run, or the memory estimate), their bytes stop counting as device memory."""
     for model in models:
-        model.to("cpu")
+        estimate.module_to_(model, "cpu")
+        if counter is not None:
+            counter.forget(list(model.parameters()) + list(model.buffers()))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -443,6 +480,46 @@ def compute_loss(args, batch, unet, text_encoders: dict, vae, noise_scheduler, w
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
     return loss.mean()
+
+
+def forward_loss(args, batch, unet, text_encoders: dict, vae, noise_scheduler, weight_dtype, sdxl: bool = False):
+    """The training forward: `compute_loss`, its saved activations in host memory with `--offload_activations`."""
+    with activation_offload.offload_activations(args.offload_activations):
+        return compute_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
+
+
+def backward_and_step(args, accelerator, loss, optimizer, lr_scheduler, params_to_clip) -> None:
+    """Backward, then on a sync step gradient clipping (`--max_grad_norm`); the optimizer and schedule step (which
+    accelerate applies only on sync steps)."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+
+
+def create_optimizer(args, networks: dict, trained_roles: list, device) -> tuple[list[dict], torch.optim.Optimizer]:
+    """The `--optimizer` over the adapters' parameters, as upstream: the UNet's at `--learning_rate`, the text
+    encoders' at `--text_encoder_lr` (default: the same).
+
+    Returns:
+        `(param_groups, optimizer)`.
+    """
+    param_groups = [{"params": training.trainable_parameters(networks["unet"]), "lr": args.learning_rate}]
+    for role in trained_roles:
+        param_groups.append(
+            {"params": training.trainable_parameters(networks[role]), "lr": args.text_encoder_lr or args.learning_rate}
+        )
+    optimizer = training.create_optimizer(
+        param_groups,
+        args.optimizer,
+        args.learning_rate,
+        args.adam_weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        device=device,
+    )
+    return param_groups, optimizer
 
 
 def build_eval_set(args, held_out_dataset, vae, noise_scheduler, weight_dtype) -> evaluation.DiffusionEvalSet:
@@ -561,7 +638,10 @@ def save_adapter_weights(args, networks, output_dir) -> Path:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Trains and returns a summary (final loss, steps, output paths)."""
+    """Trains and returns a summary (final loss, steps, output paths); with `--estimate_memory`, only estimates
+    the run's memory and returns the estimate."""
+    if args.estimate_memory is not None:
+        return estimate_memory(args)
     allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     accelerator = setup_accelerator(args)
     seed = training.resolve_seed(args.seed)
@@ -611,7 +691,13 @@ def main(args: argparse.Namespace) -> dict:
                 ),
             )
     # From here on the tracker's peak covers the run (the unquantized base's visit above is not part of it).
-    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=args.memory_log_steps)
+    tracker = memory.MemoryTracker(
+        accelerator.device,
+        accelerator,
+        args.output_dir,
+        log_every=args.memory_log_steps,
+        count_tensor_steps=estimate.ESTIMATE_STEPS,  # off CUDA: counted tensor bytes over what the estimate replays
+    )
 
     # Place the frozen base: quantized layer by layer on the way to the device with --quant.
     quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
@@ -645,27 +731,14 @@ def main(args: argparse.Namespace) -> dict:
             cache_eval_text_encoder_outputs(eval_set, text_encoders, sdxl)
         train_dataset = cache_text_encoder_outputs(train_dataset, text_encoders, sdxl, args.train_batch_size)
         cached_away.extend(text_encoders.values())
-    move_off_device(*cached_away)
+    move_off_device(*cached_away, counter=tracker.counter)
     train_dataloader = build_dataloader(args, train_dataset, seed)
 
     # Optimizer and schedule, as upstream.
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    param_groups = [{"params": training.trainable_parameters(networks["unet"]), "lr": args.learning_rate}]
     trained_roles = [role for role in text_encoders if role in networks]
-    for role in trained_roles:
-        param_groups.append(
-            {"params": training.trainable_parameters(networks[role]), "lr": args.text_encoder_lr or args.learning_rate}
-        )
-    optimizer = training.create_optimizer(
-        param_groups,
-        args.optimizer,
-        args.learning_rate,
-        args.adam_weight_decay,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        device=accelerator.device,
-    )
+    param_groups, optimizer = create_optimizer(args, networks, trained_roles, accelerator.device)
     # Steps, epochs, the LR schedule and the resume position: from the loader as each process will iterate it.
     schedule = training.TrainingSchedule.for_dataloader(
         train_dataloader,
@@ -752,21 +825,20 @@ def main(args: argparse.Namespace) -> dict:
                 # Noise, timesteps and dropout of this micro-batch depend on (seed, epoch, batch) only.
                 training.seed_step(seed, epoch * schedule.batches_per_epoch + batch_index)
                 with accelerator.accumulate(*trained_modules):
-                    with activation_offload.offload_activations(args.offload_activations):
-                        loss = compute_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
+                    loss = forward_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
                     if not training.loss_is_finite(loss, accelerator):
                         if not args.skip_nonfinite_loss:
                             raise training.nonfinite_loss_error(loss, global_step, args.output_dir)
                         logger.warning(f"Skipping a batch of step {global_step + 1}: the loss is {loss.item()}.")
                         optimizer.zero_grad()
                         continue
-                    avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean()
+                    avg_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
                     train_loss += avg_loss.item() / args.gradient_accumulation_steps
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
+                    backward_and_step(args, accelerator, loss, optimizer, lr_scheduler, params_to_clip)
+                    # Let the graph go now, not at the next forward: bitsandbytes' 8-bit matmul keeps its inputs on
+                    # its autograd node (not as saved tensors, which backward frees), 2.6 MiB of a 16 MiB peak on
+                    # the tiny UNet (measured with the live-tensor counter).
+                    loss = loss.detach()
                     if accelerator.sync_gradients and global_step + 1 == first_step_of_run:
                         # Before zero_grad: gradients and the new optimizer state are both held here.
                         tracker.milestone("after_first_step", step=global_step + 1)
@@ -806,7 +878,7 @@ def main(args: argparse.Namespace) -> dict:
                 pipeline = _pipeline_for_validation(args, accelerator, unet, text_encoders, vae, weight_dtype, sdxl)
                 log_validation(pipeline, args, accelerator, epoch)
                 del pipeline
-                move_off_device(*cached_away)
+                move_off_device(*cached_away, counter=tracker.counter)
 
     if stopped_by:
         path = training.stop_with_checkpoint(
@@ -971,6 +1043,144 @@ def _pipeline_for_validation(args, accelerator, unet, text_encoders: dict, vae, 
 
 def _quant_summary(reports) -> dict:
     return {role: report.to_dict() for role, report in reports.items() if report is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --estimate_memory: the steps above, on fake tensors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def estimate_batch(args, tokenizers: list, device) -> dict:
+    """A training batch of the shapes the flags give, as the collator makes it: `pixel_values` (N, 3, R, R)
+    float32, token ids per tokenizer and, for SDXL, the size conditioning (N = `--train_batch_size`)."""
+    batch = _placeholder_text_batch(args, tokenizers)
+    batch["pixel_values"] = torch.zeros(args.train_batch_size, 3, args.resolution, args.resolution)
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def _cached_encodings(args, batch, vae, text_encoders, weight_dtype, sdxl, counter) -> dict:
+    """What `--cache_latents` / `--cache_text_encoder_outputs` put in the batch, encoded from one batch as the
+    caching steps do, after which the encoders leave the device."""
+    if args.cache_latents:
+        counter.phase = "VAE encode"
+        batch["latents"] = encode_latents(vae, batch.pop("pixel_values"), weight_dtype)
+        move_off_device(vae, counter=counter)
+    if args.cache_text_encoder_outputs:
+        counter.phase = "text encode"
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(batch, text_encoders, sdxl)
+        batch["prompt_embeds"] = prompt_embeds
+        if pooled_prompt_embeds is not None:
+            batch["pooled_prompt_embeds"] = pooled_prompt_embeds
+        move_off_device(*text_encoders.values(), counter=counter)
+    return batch
+
+
+def replay_on_fake_tensors(args) -> dict:
+    """Runs this recipe's setup and `estimate.ESTIMATE_STEPS` optimizer steps on fake tensors and returns the
+    estimate report (see `estimate.build_report`). Reads the pipeline's config and tokenizer files, no weights and
+    no images."""
+    accelerator = setup_accelerator(args)
+    sdxl = is_sdxl(args)
+    weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
+    device = accelerator.device
+    tokenizers = load_tokenizers(args, sdxl)
+    args = copy.copy(args)
+    args.validation_loss_steps = None  # no held-out evaluation, no per-layer weight errors
+    with estimate.fake_run(device.type) as counter:
+        # The setup steps of `main`, in its order.
+        with estimate.real_tensors():  # skeletons on the meta device: weights come with placing them
+            text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype, sdxl, with_weights=False)
+        if args.prediction_type is not None:
+            noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+        for model in (unet, vae, *text_encoders.values()):
+            counter.adopt(model.buffers())  # real buffers made with them (position ids) are on the device too
+        place_vae(vae, args, weight_dtype, device, sdxl)
+        counter.phase = "quantize" if args.quant else "load"
+        quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
+        for role, model in {"unet": unet, **text_encoders}.items():
+            place_frozen_model(model, args, weight_dtype, device, role, quant_storage)
+        counter.phase = "adapter"
+        networks = attach_adapters(args, unet, text_encoders, sdxl)
+        enable_gradient_checkpointing(args, unet, text_encoders)
+        enable_attention_backend(args, unet)
+        counter.name_modules({"unet": unet, "vae": vae, **text_encoders})
+        batch = _cached_encodings(
+            args, estimate_batch(args, tokenizers, device), vae, text_encoders, weight_dtype, sdxl, counter
+        )
+        trained_roles = [role for role in text_encoders if role in networks]
+        param_groups, optimizer = create_optimizer(args, networks, trained_roles, device)
+        # Already on the device (as in `main`); moving fake parameters again would fail in `nn.Module.to`.
+        trained = [unet, *(text_encoders[role] for role in trained_roles)]
+        prepared = accelerator.prepare(*trained, optimizer, device_placement=[False] * (len(trained) + 1))
+        unet, optimizer = prepared[0], prepared[-1]
+        text_encoders.update(zip(trained_roles, prepared[1:-1]))
+        params_to_clip = [parameter for group in param_groups for parameter in group["params"]]
+        models = {"unet": unet, "vae": vae, **text_encoders}
+        for model in trained:
+            model.train()
+        breakdown = None
+        for _ in range(estimate.ESTIMATE_STEPS):
+            counter.phase = "forward"
+            loss = forward_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
+            backward_and_step(args, accelerator, loss, optimizer, _NoSchedule(), params_to_clip)
+            if breakdown is None:  # after the first step: gradients and the optimizer state are both held
+                breakdown = memory.memory_breakdown(list(models.values()), optimizer)
+                counter.label_tensors(models, optimizer)
+            optimizer.zero_grad()
+            del loss
+    accelerator.free_memory()
+    return estimate.build_report(counter, breakdown, "train_text_to_image " + " ".join(sys.argv[1:]))
+
+
+class _NoSchedule:
+    """The learning-rate schedule's step, which holds no tensors: the estimate needs none."""
+
+    def step(self) -> None:
+        pass
+
+
+def memory_saving_variants(args) -> list[tuple[str, dict]]:
+    """The flag changes `--estimate_memory GIB` tries when the command does not fit, each once and all together."""
+    variants = []
+    if args.quant != "nf4":
+        variants.append(("--quant nf4", {"quant": "nf4"}))
+    if not args.gradient_checkpointing:
+        variants.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
+    if not args.cache_latents:
+        variants.append(("--cache_latents", {"cache_latents": True}))
+    if not args.cache_text_encoder_outputs and not args.train_text_encoder:
+        variants.append(("--cache_text_encoder_outputs", {"cache_text_encoder_outputs": True}))
+    if args.optimizer == "adamw":
+        variants.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+    if args.train_batch_size > 1:
+        half = args.train_batch_size // 2
+        variants.append((f"--train_batch_size {half}", {"train_batch_size": half}))
+    smaller = args.resolution * 3 // 4 // arg_groups.VAE_SCALE_FACTOR * arg_groups.VAE_SCALE_FACTOR
+    if smaller >= 256:
+        variants.append((f"--resolution {smaller}", {"resolution": smaller}))
+    if len(variants) > 1:
+        everything = {key: value for _, changes in variants for key, value in changes.items()}
+        variants.append((" ".join(flags for flags, _ in variants), everything))
+    return variants
+
+
+def estimate_memory(args: argparse.Namespace) -> dict:
+    """`--estimate_memory [GIB]`: predicts the run's peak device memory without training, prints the table, writes
+    `OUTPUT_DIR/memory_estimate.json` and returns the report (see `estimate.build_report`)."""
+    report = replay_on_fake_tensors(args)
+    if args.estimate_memory:
+        report.update(estimate.verdict(report["peak_bytes"], args.estimate_memory))
+        if not report["fits"]:
+            report["suggestions"] = estimate.suggest_variants(
+                args,
+                memory_saving_variants(args),
+                lambda variant: replay_on_fake_tensors(variant)["peak_bytes"],
+                args.estimate_memory,
+            )
+    print(estimate.report_table(report))
+    logger.info(f"Wrote {estimate.write_report(report, args.output_dir)}")
+    return report
 
 
 def cli() -> None:
