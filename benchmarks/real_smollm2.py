@@ -109,7 +109,7 @@ def _mib(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
-def write_markdown(args, cells: dict, command: str, total_seconds: float) -> str:
+def write_markdown(args, cells: dict, baselines: dict, command: str, total_seconds: float) -> str:
     lines = [
         "# Real pretrained LLM: SmolLM2-135M-Instruct on Shakespeare's sonnets (CPU)",
         "",
@@ -136,6 +136,19 @@ def write_markdown(args, cells: dict, command: str, total_seconds: float) -> str
             f"| {'-' if delta is None else f'{delta:+.3f}'} | {cell['step_seconds_median']:.2f} "
             f"| {_mib(cell['peak_rss_bytes'])} | {_mib(cell['frozen_weight_bytes'])} | {cell['trainable_params']:,} |"
         )
+    lines += [
+        "",
+        "The frozen bases (evaluation-only runs; what quantization alone costs before any training):",
+        "",
+        "| quant | held-out ppl | held-out loss | quant delta (nats) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for quant, baseline in baselines.items():
+        delta = baseline["quantization_loss_delta"]
+        lines.append(
+            f"| {quant} | {baseline['ppl_before']:.2f} | {baseline['loss_before']:.4f} "
+            f"| {'-' if delta is None else f'{delta:+.4f}'} |"
+        )
     versions = ", ".join(f"{name} {version(name)}" for name in PACKAGES)
     lines += [
         "",
@@ -156,10 +169,12 @@ def main(argv=None) -> dict:
     cache_dir = Path(args.cache_dir) if args.cache_dir else real_material.default_cache_dir()
     model_dir = real_material.convert_smollm2(cache_dir)
     work_dir = Path(args.work_dir)
-    text = real_material.write_text_corpus(work_dir / "sonnets", cache_dir)
-    held_out = text["validation"].read_text().split("\n\n")[: args.held_out_sonnets]
-    text["validation"].write_text("\n\n".join(held_out).rstrip("\n") + "\n")
-    cells = {}
+    text = {split: work_dir / "sonnets" / f"{split}.txt" for split in ("train", "validation")}
+    if not args.report_only:  # (running cells may be reading them)
+        text = real_material.write_text_corpus(work_dir / "sonnets", cache_dir)
+        held_out = text["validation"].read_text().split("\n\n")[: args.held_out_sonnets]
+        text["validation"].write_text("\n\n".join(held_out).rstrip("\n") + "\n")
+    cells, baselines = {}, {}
     for quant in args.quant.split(","):
         # The base is evaluated once per quantization mode, in its own run, and the training runs evaluate only after
         # training: on CPUs with AVX512-BF16, bitsandbytes 0.50 repacks an nf4 layer for its inference kernel the
@@ -169,7 +184,7 @@ def main(argv=None) -> dict:
         if args.report_only:
             if not (baseline_dir / "training_summary.json").exists():
                 continue
-            baseline = read_baseline(baseline_dir)
+            baseline = baselines[quant] = read_baseline(baseline_dir)
             for adapter in args.adapters.split(","):
                 output_dir = work_dir / f"{adapter}-{quant}"
                 if (output_dir / "training_summary.json").exists():
@@ -183,7 +198,7 @@ def main(argv=None) -> dict:
             )
         if returncode != 0:
             raise SystemExit(f"The evaluation of the {quant} base failed: see {work_dir}/base-{quant}.log")
-        baseline = read_baseline(baseline_dir)
+        baseline = baselines[quant] = read_baseline(baseline_dir)
         for adapter in args.adapters.split(","):
             output_dir = work_dir / f"{adapter}-{quant}"
             command = cell_command(args, model_dir, text, adapter, quant, output_dir, steps=args.max_train_steps)
@@ -194,7 +209,7 @@ def main(argv=None) -> dict:
                 cells[(adapter, quant)] = read_cell(output_dir, baseline, wall)
             print(adapter, quant, json.dumps(cells[(adapter, quant)]), flush=True)
     command = "OMP_NUM_THREADS=2 nice python benchmarks/real_smollm2.py " + " ".join(argv or sys.argv[1:])
-    markdown = write_markdown(args, cells, command, time.perf_counter() - started)
+    markdown = write_markdown(args, cells, baselines, command, time.perf_counter() - started)
     Path(args.output).write_text(markdown)
     (work_dir / "results.json").write_text(json.dumps({f"{a}-{q}": c for (a, q), c in cells.items()}, indent=1))
     print(markdown)
