@@ -726,6 +726,32 @@ def replay_on_fake_tensors(args) -> dict:
     return estimate.build_report(counter, breakdown, "train_causal_lm " + " ".join(sys.argv[1:]))
 
 
+def replay_frozen_base_on_fake_tensors(args) -> dict:
+    """`measure_frozen_base` on fake tensors (the memory study's "quantization only" row): the frozen base loaded
+    and quantized, one forward pass without gradients, no adapter and no optimizer. Returns the estimate report."""
+    accelerator = setup_accelerator(args)
+    weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
+    device = accelerator.device
+    tokenizer = load_tokenizer(args)
+    block_size = data.resolve_block_size(tokenizer, args.block_size, data.max_positions(load_model_config(args)))
+    with estimate.fake_run(device.type) as counter:
+        with estimate.real_tensors():
+            model = load_model(args, weight_dtype, tokenizer, with_weights=False)
+        counter.adopt(model.buffers())
+        quantization.conv1d_to_linear_(model)
+        model.config.use_cache = False
+        counter.phase = "quantize" if args.quant else "load"
+        place_frozen_model(model, args, weight_dtype, device)
+        counter.name_modules({"llm": model})
+        counter.label_tensors({"llm": model})
+        batch = estimate_batch(args, model.get_input_embeddings().weight.shape[0], block_size, device)
+        counter.phase = "forward"
+        with torch.no_grad(), accelerator.autocast():
+            model(input_ids=batch["input_ids"])
+        breakdown = memory.memory_breakdown([model])
+    return estimate.build_report(counter, breakdown, "train_causal_lm (frozen base) " + " ".join(sys.argv[1:]))
+
+
 def memory_saving_variants(args) -> list[tuple[str, dict]]:
     """The flag changes `--estimate_memory GIB` tries when the command does not fit, each once."""
     variants = []

@@ -1133,6 +1133,38 @@ def replay_on_fake_tensors(args) -> dict:
     return estimate.build_report(counter, breakdown, "train_text_to_image " + " ".join(sys.argv[1:]))
 
 
+def replay_frozen_base_on_fake_tensors(args) -> dict:
+    """`measure_frozen_base` on fake tensors (the memory study's "quantization only" row): the frozen models loaded
+    and quantized, one UNet forward pass without gradients, no adapter and no optimizer. Returns the estimate report."""
+    accelerator = setup_accelerator(args)
+    sdxl = is_sdxl(args)
+    weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
+    device = accelerator.device
+    tokenizers = load_tokenizers(args, sdxl)
+    with estimate.fake_run(device.type) as counter:
+        with estimate.real_tensors():
+            text_encoders, vae, unet, _ = load_models(args, weight_dtype, sdxl, with_weights=False)
+        models = {"unet": unet, "vae": vae, **text_encoders}
+        for model in models.values():
+            counter.adopt(model.buffers())
+        counter.phase = "quantize" if args.quant else "load"
+        for role, model in {"unet": unet, **text_encoders}.items():
+            place_frozen_model(model, args, weight_dtype, device, role)
+        place_vae(vae, args, weight_dtype, device, sdxl)
+        counter.name_modules(models)
+        counter.label_tensors(models)
+        latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+        latents = torch.randn(args.train_batch_size, unet.config.in_channels, latent_size, latent_size, device=device)
+        batch = {key: value.to(device) for key, value in _placeholder_text_batch(args, tokenizers).items()}
+        counter.phase = "forward"
+        with torch.no_grad(), accelerator.autocast():
+            text_states, added_cond_kwargs = unet_conditioning(args, batch, text_encoders, sdxl, device, weight_dtype)
+            timesteps = torch.full((args.train_batch_size,), 500, device=device)
+            unet(latents.to(weight_dtype), timesteps, text_states, added_cond_kwargs=added_cond_kwargs)
+        breakdown = memory.memory_breakdown(list(models.values()))
+    return estimate.build_report(counter, breakdown, "train_text_to_image (frozen base) " + " ".join(sys.argv[1:]))
+
+
 class _NoSchedule:
     """The learning-rate schedule's step, which holds no tensors: the estimate needs none."""
 
