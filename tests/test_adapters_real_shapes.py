@@ -7,11 +7,14 @@ loads the file back with `load_adapter` (the loader of the trainers' final `--va
 README's "load the result" example), in bypass mode and merged. The tiny fixtures never reach shapes like a
 640 -> 1920 3x3 convolution, where LyCORIS' own rebuild guessed another Kronecker factorisation than the file holds.
 
-Only adapter tensors are real. The update of one layer per distinct shape class (role, out, in, kernel, stride) is
-checked on that one layer, materialised with zero weights: its output under the loaded adapter (bypass), its
-weight after `load_adapter(merge=True)` and, for the causal LMs, its output under peft's `PeftModel` loaded from the
-peft export, each against the update worked out here from the stored tensors alone (kohya/ComfyUI semantics:
-`alpha / rank` applied once; LoKr with two full factors: 1).
+Only adapter tensors are real. Each case adapts the first layer of every shape class of every model (role, layer
+type, out, in, kernel, stride: the trainers' own targets, narrowed with `ROLE:NAME` patterns), and checks each
+layer's update: the loaded module's bypass output (base left on the meta device), the layer's output after
+`load_adapter(merge=True, multiplier=0.5)` into zero weights of that layer only and, for the causal LMs, peft's
+own update after `PeftModel.from_pretrained` on the peft export, each against the update worked out here from the
+stored tensors alone (kohya/ComfyUI semantics: `alpha / rank` applied once; LoKr with two full halves: 1), on
+random inputs. Every module of a whole default LoKr file, and files from other trainers (no metadata, LyCORIS'
+LoKr variants, foreign factorisations, no alpha), load back too.
 """
 
 import ctypes
