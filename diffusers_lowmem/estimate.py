@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
 
+from diffusers_lowmem import activation_offload
 from diffusers_lowmem.memory import BREAKDOWN_FIELDS, GIB, MIB, LiveTensorCounter, MemoryBreakdown
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,12 @@ def fake_run(device_type: str = "cpu"):
         The `memory.LiveTensorCounter`; set its `phase` to name the setup steps ("load", "quantize", ...).
     """
     # Real tensors made before (tokenizer outputs, bitsandbytes' maps, rotary tables) may meet fake ones.
+    # On the fake CPU device, `--offload_activations` must still be seen to move activations off "the device".
+    offload_to_host = activation_offload.simulated_host() if device_type == "cpu" else contextlib.nullcontext()
     with (
         _bitsandbytes_maps_on_real_tensors(),
         _unpacked_sequences(),
+        offload_to_host,
         FakeTensorMode(allow_non_fake_inputs=True),
         LiveTensorCounter(device_type) as counter,
     ):
