@@ -9,6 +9,17 @@ trainer (`train_text_to_image.main` / `train_causal_lm.main`), so its peak is cl
 memory is recorded as OOM instead of ending the matrix. `--architecture` builds real architectures with random
 weights from configs shipped in the package (memory does not depend on weight values), so real-scale numbers need
 no download. Writes `results.csv`, `results.md`, `results.png` and TensorBoard scalars to `--output_dir`.
+
+With `--estimate`, every cell is the trainer's own `--estimate_memory` instead (its setup and two optimizer steps
+replayed on fake tensors, in this process, configs only: no weights, no data), so the whole real-scale matrix takes
+seconds per cell on any machine:
+
+    python -m diffusers_lowmem.profile --estimate --task causal-lm --architecture llama2-7b --seq_len 512 \\
+        --gradient_checkpointing --mixed_precision bf16 --output_dir estimate-llama2-7b
+
+Memory columns are allocated tensor bytes: `torch.cuda.memory_allocated` on CUDA, the trainers' count of live tensor
+storage on CPU (process RSS, which the loaded libraries dominate, only as a side column), the predicted
+`torch.cuda.max_memory_allocated` with `--estimate`.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,6 +86,9 @@ class CellResult:
     held_out_loss_before: float | None = None  # with --train_steps: the held-out loss before training ...
     held_out_loss_after: float | None = None  # ... and after it (text-to-image: diffusion loss; causal LM: eval loss)
     quantization_loss_delta: float | None = None  # held-out loss of the quantized base minus the unquantized one
+    phase_of_peak: str = ""  # --estimate: the step in which the peak is reached
+    held_at_peak: str = ""  # --estimate: the largest owners of memory at the peak, "owner (kind) bytes; ..."
+    cell_seconds: float | None = None  # wall time of the cell
     error: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -89,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--task", choices=TASKS, required=True, help="Which trainer to profile.")
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="Fill every cell from the trainer's --estimate_memory (fake tensors, in this process, seconds per cell,"
+        " no GPU, weights or data) instead of running it: predicted peak, breakdown and what holds the peak.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--pretrained", type=str, help="A local diffusers pipeline or causal-LM directory.")
     source.add_argument(
@@ -287,16 +308,79 @@ def _apply_memory_cap(max_memory_gib: float | None) -> None:
 
 def run_cell_in_process(spec: dict) -> None:
     """Runs one cell in this process: the trainer's own `main`, or the quantization-only measurement."""
-    if spec["task"] == "text-to-image":
-        from diffusers_lowmem import train_text_to_image as trainer
-    else:
-        from diffusers_lowmem import train_causal_lm as trainer
+    trainer = _trainer(spec["task"])
     trainer_args = trainer.parse_args(spec["argv"])
     _apply_memory_cap(spec.get("max_memory"))  # after the imports: the cap is for the models and the training
     if spec["adapter"] == QUANT_ONLY:
         trainer.measure_frozen_base(trainer_args)
     else:
         trainer.main(trainer_args)
+
+
+def estimate_cell(args, adapter: str, quant: str, data_dir: Path, output_dir: Path) -> CellResult:
+    """One cell from the trainer's own estimate, in this process: `replay_on_fake_tensors` (or, for the
+    quantization-only row, `replay_frozen_base_on_fake_tensors`) on the cell's command line plus `--estimate_memory`.
+
+    Writes the cell's `memory_estimate.json` (the trainer's report) to `OUTPUT_DIR/cells/ADAPTER-QUANT/`.
+
+    Returns:
+        The cell: `peak_allocated` is the predicted peak (bytes), the breakdown columns are the report's, and
+        `extra["estimate"]` holds the whole report; status "error" (with the last line of the error) if the trainer
+        could not estimate it.
+    """
+    from accelerate.state import AcceleratorState
+
+    from diffusers_lowmem import estimate
+
+    trainer = _trainer(args.task)
+    cell_dir = output_dir / "cells" / f"{adapter}-{quant}"
+    argv = trainer_argv(args, adapter, quant, data_dir, cell_dir) + ["--estimate_memory"]
+    trainer_args = trainer.parse_args(argv)
+    try:
+        if adapter == QUANT_ONLY:
+            report = trainer.replay_frozen_base_on_fake_tensors(trainer_args)
+        else:
+            report = trainer.replay_on_fake_tensors(trainer_args)
+    except Exception as error:  # one cell that cannot be estimated does not end the matrix
+        logger.exception(f"{adapter}/{quant}: the estimate failed")
+        status = "oom" if any(marker in str(error) for marker in OOM_MARKERS) else "error"
+        return CellResult(adapter, quant, status, error=f"{type(error).__name__}: {error}"[-500:])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next cell sets up its own accelerator
+    report["command"] = f"{trainer.__name__.rsplit('.', 1)[-1]} " + " ".join(argv)
+    estimate.write_report(report, cell_dir)
+    breakdown = report["breakdown"]
+    return CellResult(
+        adapter=adapter,
+        quant=quant,
+        status="ok",
+        peak_allocated=report["peak_bytes"],
+        frozen_weights=breakdown["frozen_weights"],
+        trainable_params_bytes=breakdown["trainable_params"],
+        gradients=breakdown["gradients"],
+        optimizer_state=breakdown["optimizer_state"],
+        activations_peak=breakdown["activations_peak"],
+        phase_of_peak=report["phase_of_peak"],
+        held_at_peak=held_at_peak(report["at_peak"]),
+        extra={"estimate": report},
+    )
+
+
+def held_at_peak(at_peak: list[dict], top: int = 3) -> str:
+    """The largest entries of an estimate's `at_peak` as "owner (kind) size; ..." (MiB, KiB below one MiB)."""
+
+    def size(num_bytes: int) -> str:
+        return f"{num_bytes / MIB:.0f} MiB" if num_bytes >= MIB else f"{num_bytes / 1024:.0f} KiB"
+
+    return "; ".join(f"{entry['owner']} ({entry['kind']}) {size(entry['bytes'])}" for entry in at_peak[:top])
+
+
+def _trainer(task: str):
+    if task == "text-to-image":
+        from diffusers_lowmem import train_text_to_image as trainer
+    else:
+        from diffusers_lowmem import train_causal_lm as trainer
+    return trainer
 
 
 def run_cell(args, adapter: str, quant: str, data_dir: Path, output_dir: Path) -> CellResult:
@@ -474,53 +558,67 @@ def _percent(value: int | None, total: int | None) -> str:
     return "-" if value is None or not total else f"{100 * value / total:.1f}%"
 
 
-def markdown_table(results: list[CellResult], device_memory: int | None, on_cuda: bool) -> str:
-    """Rows = cells; memory in GiB (MiB for tiny models) with % of device memory; allocated on CUDA, RSS on CPU."""
+MEASURES = {
+    "cuda": "allocated",  # torch.cuda.memory_allocated
+    "cpu": "allocated",  # the trainers' count of live tensor storage (memory.LiveTensorCounter)
+    "estimate": "estimated allocated",  # --estimate: the predicted torch.cuda.max_memory_allocated
+}
+
+
+def markdown_table(results: list[CellResult], device_memory: int | None, mode: str) -> str:
+    """Rows = cells; memory in GiB (MiB for tiny models), allocated tensor bytes in every mode.
+
+    Args:
+        results: The cells.
+        device_memory: The device's memory in bytes, for the "% of device" column (not shown for estimates).
+        mode: "cuda" (with peak reserved), "cpu" (counted tensor bytes, process RSS as a side column) or
+            "estimate" (with the peak plus the CUDA context and cuBLAS workspace, the phase and what holds the peak).
+    """
+    from diffusers_lowmem.estimate import device_overhead_bytes
+
     unit, unit_name = table_unit(results)
-    measure = ("allocated" if on_cuda else "RSS") + ", " + unit_name
-    header = [
-        "cell",
-        "status",
-        f"after load ({measure})",
-        f"after 1 step ({measure})",
-        f"peak ({measure})",
-        "peak % of device",
-    ]
-    if on_cuda:
-        header.append("peak reserved")
-    header += [
-        "frozen weights",
-        "trainable",
-        "grads",
-        "optimizer",
-        "activations",
-        "trainable params",
-        "median step (s)",
-    ]
+    measure = f"{MEASURES[mode]}, {unit_name}"
+    header = ["cell", "status"]
+    if mode != "estimate":
+        header += [f"after load ({measure})", f"after 1 step ({measure})"]
+    header.append(f"peak ({measure})")
+    header.append("peak + CUDA overhead" if mode == "estimate" else "peak % of device")
+    header += {"cuda": ["peak reserved"], "cpu": ["peak RSS (process)"], "estimate": []}[mode]
+    header += ["frozen weights", "trainable", "grads", "optimizer", "activations"]
+    if mode != "estimate":  # the estimate counts bytes, not parameters
+        header.append("trainable params")
+    header += ["phase of peak", "held at the peak", "estimate (s)"] if mode == "estimate" else ["median step (s)"]
     show_convs = any(r.quantized_conv_bytes is not None for r in results)
     show_losses = any(r.held_out_loss_after is not None for r in results)
     if show_convs:
         header.append("quantized convs")
     if show_losses:
         header += ["held-out loss before", "held-out loss after", "quantization loss delta"]
+    overhead = sum(device_overhead_bytes().values())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        load = r.after_model_load_allocated if on_cuda else r.after_model_load_rss
-        first = r.after_first_step_allocated if on_cuda else r.after_first_step_rss
-        peak = r.peak_allocated if on_cuda else r.peak_rss
-        row = [r.label, r.status, _gib(load, unit), _gib(first, unit), _gib(peak, unit)]
-        row.append(_percent(peak, device_memory))
-        if on_cuda:
-            row.append(_gib(r.peak_reserved, unit))
+        row = [r.label, r.status]
+        if mode != "estimate":
+            row += [_gib(r.after_model_load_allocated, unit), _gib(r.after_first_step_allocated, unit)]
+        row.append(_gib(r.peak_allocated, unit))
+        if mode == "estimate":
+            row.append(_gib(None if r.peak_allocated is None else r.peak_allocated + overhead, unit))
+        else:
+            row.append(_percent(r.peak_allocated, device_memory))
+        row += {"cuda": [_gib(r.peak_reserved, unit)], "cpu": [_gib(r.peak_rss, unit)], "estimate": []}[mode]
         row += [
             _gib(r.frozen_weights, unit),
             _gib(r.trainable_params_bytes, unit),
             _gib(r.gradients, unit),
             _gib(r.optimizer_state, unit),
             _gib(r.activations_peak, unit),
-            "-" if r.trainable_params is None else f"{r.trainable_params:,}",
-            "-" if r.median_step_seconds is None else f"{r.median_step_seconds:.3f}",
         ]
+        if mode != "estimate":
+            row.append("-" if r.trainable_params is None else f"{r.trainable_params:,}")
+        if mode == "estimate":
+            row += [r.phase_of_peak or "-", r.held_at_peak or "-", _seconds(r.cell_seconds, ".0f")]
+        else:
+            row.append(_seconds(r.median_step_seconds, ".3f"))
         if show_convs:
             row.append(_gib(r.quantized_conv_bytes, unit))
         if show_losses:
@@ -529,16 +627,49 @@ def markdown_table(results: list[CellResult], device_memory: int | None, on_cuda
     return "\n".join(lines)
 
 
-def write_markdown(results, path: Path, args, device_name: str, device_memory: int | None, on_cuda: bool) -> Path:
+def _seconds(value: float | None, spec: str) -> str:
+    return "-" if value is None else f"{value:{spec}}"
+
+
+def library_versions() -> str:
+    """The versions that decide the numbers: "torch 2.x, diffusers ..., ..." (installed ones only)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "lycoris-lora", "peft")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+MEASURE_NOTES = {
+    "cuda": "`torch.cuda.memory_allocated` (peak: `max_memory_allocated`), reserved beside it.",
+    "cpu": "tensor bytes counted by the trainer (live tensor storage, the same count as `torch.cuda` allocated"
+    " would give; measured over setup and the first steps); the process RSS, which the loaded libraries dominate,"
+    " only as a side column.",
+    "estimate": "the trainer's `--estimate_memory`: its setup and two optimizer steps replayed on fake tensors (no"
+    " GPU, weights or data), the predicted `torch.cuda.max_memory_allocated`; 'peak + CUDA overhead' adds the CUDA"
+    " context and cuBLAS workspace (`diffusers_lowmem.estimate.device_overhead_bytes`), what a device must hold."
+    " 'held at the peak': the largest owners of memory at the peak (module, kind), from the cell's"
+    " `cells/ADAPTER-QUANT/memory_estimate.json`.",
+}
+
+
+def write_markdown(results, path: Path, args, device_name: str, device_memory: int | None, mode: str) -> Path:
     command = "python -m diffusers_lowmem.profile " + " ".join(_reproduce_argv(args))
+    machine = "Estimated on" if mode == "estimate" else "Device"
     text = [
         f"# Memory matrix: {args.architecture or args.pretrained} ({args.task})",
         "",
-        f"- Device: {device_name}" + (f", {device_memory / GIB:.1f} GiB" if device_memory else ""),
+        f"- {machine}: {device_name}" + (f", {device_memory / GIB:.1f} GiB" if device_memory else ""),
+        f"- Versions: {library_versions()}",
         f"- Command: `{command}`",
-        "- Memory in GiB (MiB where the header says so). On CUDA: `torch.cuda` allocated/reserved; on CPU: process RSS. Breakdown columns are exact "
-        "tensor bytes (quantized weights as stored). 'quant only' rows load and quantize the frozen base and run one "
-        "forward pass, without an adapter.",
+        f"- Memory in GiB (MiB where the header says so): {MEASURE_NOTES[mode]} Breakdown columns are exact tensor"
+        " bytes (quantized weights as stored). 'quant only' rows load and quantize the frozen base and run one"
+        " forward pass, without an adapter.",
     ]
     if any(r.quantized_conv_bytes is not None for r in results):
         text.append(
@@ -556,7 +687,7 @@ def write_markdown(results, path: Path, args, device_name: str, device_memory: i
             " training (measured by the trainer on both bases; for an `architecture:` model, the cell's loss before"
             " training minus the unquantized cell's)."
         )
-    text += ["", markdown_table(results, device_memory, on_cuda), ""]
+    text += ["", markdown_table(results, device_memory, mode), ""]
     failed = [r for r in results if r.status != "ok"]
     if failed:
         text += ["Cells that did not finish:", ""] + [f"- {r.label}: {r.status}: `{r.error}`" for r in failed] + [""]
@@ -577,6 +708,8 @@ def _reproduce_argv(args) -> list[str]:
     for flag in (*flags, "no_quant_only_row"):
         if getattr(args, flag):
             argv.append(f"--{flag}")
+    if args.estimate:
+        argv.append("--estimate")
     if args.max_memory:
         argv += ["--max_memory", str(args.max_memory)]
     if args.optimizer != "adamw":
@@ -589,8 +722,9 @@ def _reproduce_argv(args) -> list[str]:
     return argv + ["--output_dir", args.output_dir]
 
 
-def write_png(results: list[CellResult], path: Path, on_cuda: bool, title: str) -> Path | None:
-    """Grouped bars per cell: after load, after one step, peak (GiB)."""
+def write_png(results: list[CellResult], path: Path, mode: str, title: str) -> Path | None:
+    """Bars per cell of allocated tensor bytes: after load, after one step and peak (measured runs), or the
+    estimated peak stacked by role (frozen weights, trainable, gradients, optimizer state, activations)."""
     try:
         import matplotlib
 
@@ -601,31 +735,41 @@ def write_png(results: list[CellResult], path: Path, on_cuda: bool, title: str) 
         return None
     import numpy as np
 
-    def values(attribute_cuda, attribute_cpu):
-        return [((getattr(r, attribute_cuda if on_cuda else attribute_cpu)) or 0) / GIB for r in results]
+    unit, unit_name = table_unit(results)
 
-    series = {
-        "after load": values("after_model_load_allocated", "after_model_load_rss"),
-        "after 1 step": values("after_first_step_allocated", "after_first_step_rss"),
-        "peak": values("peak_allocated", "peak_rss"),
-    }
+    def values(attribute):
+        return np.array([(getattr(r, attribute) or 0) / unit for r in results])
+
     positions = np.arange(len(results))
-    width = 0.27
     with_losses = [r for r in results if r.held_out_loss_after is not None]
     bar_width = max(6, 0.9 * len(results) + 2)
     if with_losses:
         figure, (axis, scatter_axis) = plt.subplots(1, 2, figsize=(bar_width + 6, 4.5))
-        _memory_loss_scatter(scatter_axis, with_losses, on_cuda)
+        _memory_loss_scatter(scatter_axis, with_losses, unit, unit_name)
     else:
         figure, axis = plt.subplots(figsize=(bar_width, 4.5))
-    for offset, (name, heights) in enumerate(series.items()):
-        axis.bar(positions + (offset - 1) * width, heights, width, label=name)
+    if mode == "estimate":
+        bottom = np.zeros(len(results))
+        roles = ("frozen_weights", "trainable_params_bytes", "gradients", "optimizer_state", "activations_peak")
+        for role in roles:
+            heights = values(role)
+            axis.bar(positions, heights, 0.6, bottom=bottom, label=role.replace("_bytes", "").replace("_", " "))
+            bottom += heights
+    else:
+        series = {
+            "after load": values("after_model_load_allocated"),
+            "after 1 step": values("after_first_step_allocated"),
+            "peak": values("peak_allocated"),
+        }
+        width = 0.27
+        for offset, (name, heights) in enumerate(series.items()):
+            axis.bar(positions + (offset - 1) * width, heights, width, label=name)
     for index, result in enumerate(results):
         if result.status != "ok":
             axis.annotate(result.status.upper(), (positions[index], 0), ha="center", va="bottom", color="red")
     axis.set_xticks(positions)
     axis.set_xticklabels([r.label for r in results], rotation=45, ha="right")
-    axis.set_ylabel("GiB (" + ("allocated" if on_cuda else "RSS") + ")")
+    axis.set_ylabel(f"{unit_name} ({MEASURES[mode]} tensor bytes)")
     axis.set_title(title)
     axis.legend()
     figure.tight_layout()
@@ -634,14 +778,14 @@ def write_png(results: list[CellResult], path: Path, on_cuda: bool, title: str) 
     return path
 
 
-def _memory_loss_scatter(axis, results: list[CellResult], on_cuda: bool) -> None:
-    """Peak memory against the held-out loss after training, one labelled point per cell."""
-    peaks = [((r.peak_allocated if on_cuda else r.peak_rss) or 0) / GIB for r in results]
+def _memory_loss_scatter(axis, results: list[CellResult], unit: int, unit_name: str) -> None:
+    """Peak allocated memory against the held-out loss after training, one labelled point per cell."""
+    peaks = [(r.peak_allocated or 0) / unit for r in results]
     losses = [r.held_out_loss_after for r in results]
     axis.scatter(peaks, losses)
     for result, peak, loss in zip(results, peaks, losses):
         axis.annotate(result.label, (peak, loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axis.set_xlabel("peak GiB (" + ("allocated" if on_cuda else "RSS") + ")")
+    axis.set_xlabel(f"peak {unit_name} (allocated)")
     axis.set_ylabel("held-out loss after training")
     axis.set_title("memory vs held-out loss")
 
@@ -667,23 +811,29 @@ def main(args: argparse.Namespace) -> list[CellResult]:
     """Runs the matrix and writes the result files. Returns the cells."""
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = ensure_data(args, output_dir)
+    # An estimate reads no data (the trainers ignore the data flags), so none is generated for it.
+    data_dir = output_dir / "data" if args.estimate else ensure_data(args, output_dir)
     matrix = cells(args)
     results = []
-    progress = tqdm(matrix, desc="Profile cells")
+    progress = tqdm(matrix, desc="Estimate cells" if args.estimate else "Profile cells")
     for adapter, quant in progress:
         progress.set_postfix(cell=f"{adapter}/{quant}")
-        result = run_cell(args, adapter, quant, data_dir, output_dir)
+        started = time.perf_counter()
+        if args.estimate:
+            result = estimate_cell(args, adapter, quant, data_dir, output_dir)
+        else:
+            result = run_cell(args, adapter, quant, data_dir, output_dir)
+        result.cell_seconds = time.perf_counter() - started
         results.append(result)
         logger.info(f"{result.label}: {result.status}, peak {_gib(result.peak_allocated or result.peak_rss)} GiB")
     fill_quantization_loss_deltas(results)
     device_name, device_memory = device_description()
-    on_cuda = any(r.peak_allocated is not None for r in results) or "CPU" not in device_name
+    mode = "estimate" if args.estimate else "cpu" if "CPU" in device_name else "cuda"
     write_csv(results, output_dir / "results.csv")
-    write_markdown(results, output_dir / "results.md", args, device_name, device_memory, on_cuda)
-    write_png(results, output_dir / "results.png", on_cuda, f"{args.architecture or args.pretrained} ({device_name})")
+    write_markdown(results, output_dir / "results.md", args, device_name, device_memory, mode)
+    write_png(results, output_dir / "results.png", mode, f"{args.architecture or args.pretrained} ({device_name})")
     log_to_tensorboard(results, output_dir)
-    print(markdown_table(results, device_memory, on_cuda))
+    print(markdown_table(results, device_memory, mode))
     print(f"\nWrote {output_dir / 'results.md'}, results.csv, results.png")
     return results
 
