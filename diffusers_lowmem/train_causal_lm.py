@@ -629,7 +629,7 @@ def main(args: argparse.Namespace) -> dict:
         logger.info("Memory:\n" + tracker.summary_table())
         if args.push_to_hub:
             training.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.logging_dir)
-    accelerator.end_training()
+    training.end_training(accelerator)
     return summary
 
 
@@ -663,7 +663,7 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
     tracker.log_step(1)
     if accelerator.is_main_process and args.output_dir is not None:
         tracker.write_report(args.output_dir)
-    accelerator.end_training()
+    training.end_training(accelerator)
     return tracker.report()
 
 

@@ -658,6 +658,7 @@ def main(args: argparse.Namespace) -> dict:
     except ValueError as error:
         raise SystemExit(f"Bad training data: {error}") from error
     skipped_images = sum(d.dataset.skipped_images for d in (train_dataset, held_out_dataset) if d is not None)
+    skipped_captions = sum(d.dataset.skipped_captions for d in (train_dataset, held_out_dataset) if d is not None)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     training.seed_step(seed, -2)
@@ -912,11 +913,15 @@ def main(args: argparse.Namespace) -> dict:
                 "step_seconds": step_seconds,
                 "quantization": _quant_summary(quant_reports),
                 "skipped_images": skipped_images,
+                "skipped_captions": skipped_captions,
                 "held_out_loss": held_out_summary(eval_set, held_out_losses, quantization_scalars),
             },
         )
-        if skipped_images:
-            logger.warning(f"Trained without {skipped_images} unreadable image(s): see the warning at the start.")
+        if skipped_images or skipped_captions:
+            logger.warning(
+                f"Trained without {skipped_images} unreadable image(s) and {skipped_captions} row(s) with an"
+                " unusable caption: see the warnings at the start."
+            )
         logger.info(f"Saved adapter weights to {weights_path}")
         logger.info("Memory:\n" + tracker.summary_table())
         if args.validation_prompt and not args.pretrained_model_name_or_path.startswith(
@@ -925,7 +930,7 @@ def main(args: argparse.Namespace) -> dict:
             run_final_test(args, accelerator, weight_dtype, sdxl)
         if args.push_to_hub:
             training.push_to_hub(args.output_dir, args.hub_model_id, args.hub_token, args.logging_dir)
-    accelerator.end_training()
+    training.end_training(accelerator)
     return {"global_step": global_step, "loss": float(loss.detach().item()), "weights": weights_path}
 
 
@@ -965,7 +970,7 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
     tracker.log_step(1)
     if accelerator.is_main_process:
         tracker.write_report(args.output_dir)
-    accelerator.end_training()
+    training.end_training(accelerator)
     return tracker.report()
 
 

@@ -16,7 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from diffusers_lowmem.memory import (
+    CUDA_BLOCK_BYTES,
     GIB,
+    LiveTensorCounter,
     MemoryBreakdown,
     MemoryTracker,
     device_memory,
@@ -407,3 +409,77 @@ def test_cuda_statistics_peaks_and_activation_estimate():
     static_on_device = weights * 4 + 2 * FLOAT32 if optimizer.state[model.weight]["step"].is_cuda else weights * 4
     assert breakdown["activations_peak"] == report["peak"]["allocated"] - static_on_device
     assert breakdown["activations_peak"] >= 64 * 2**20
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The live tensor counter
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_counter_counts_storages_as_made_and_freed_rounded_to_cuda_blocks():
+    with LiveTensorCounter("cpu") as counter:
+        first = torch.empty(1000, dtype=torch.float32)  # 4,000 bytes -> 4,096
+        view = first[:10].view(2, 5)  # a view shares its base's storage: nothing more
+        assert counter.live_bytes == 4096
+        second = torch.empty(1, dtype=torch.uint8)  # 1 byte -> one 512-byte block
+        assert counter.live_bytes == 4096 + CUDA_BLOCK_BYTES
+        del first, view
+        gc.collect()
+        assert counter.live_bytes == CUDA_BLOCK_BYTES
+        del second
+    assert counter.live_bytes == 0 and counter.peak_bytes == 4096 + CUDA_BLOCK_BYTES
+
+
+def test_counter_labels_forward_backward_and_optimizer_step_by_module():
+    model = frozen_first_mlp()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with LiveTensorCounter("cpu") as counter:
+        counter.adopt(model.parameters())
+        counter.name_modules({"mlp": model})
+        counter.phase = "forward"
+        loss = model(torch.randn(4, 16)).square().mean()
+        # Activations are named by the module whose forward made them: mlp.0's output is saved for mlp.1's backward.
+        assert ("activations", "mlp.0") in {(record.kind, record.owner) for record in counter._live.values()}
+        loss.backward()
+        optimizer.step()
+        counter.label_tensors({"mlp": model}, optimizer)
+        kinds = {(record.kind, record.owner) for record in counter._live.values()}
+    assert ("frozen weights", "mlp.0.weight") in kinds and ("adapter weights", "mlp.1.weight") in kinds
+    assert ("gradients", "mlp.1.weight") in kinds and ("optimizer state", "optimizer") in kinds
+    at_peak = counter.at_peak(top=100)
+    assert sum(entry["bytes"] for entry in at_peak) == pytest.approx(counter.peak_bytes, rel=0.002)
+    assert counter.phase_of_peak == "optimizer step"  # AdamW's two moments arrive on top of the gradients
+
+
+def test_counter_forgets_models_moved_off_the_device_and_adopt_keeps_them_off():
+    model = frozen_first_mlp()
+    with LiveTensorCounter("cpu") as counter:
+        counter.adopt(model.parameters())
+        counted = counter.live_bytes
+        assert counted == sum(
+            -(-p.numel() * FLOAT32 // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES for p in model.parameters()
+        )
+        assert counter.forget(model[0].parameters()) > 0
+        counter.adopt(model.parameters())  # watching the model again does not bring the moved layer back
+        assert counter.live_bytes == counted - sum(
+            -(-p.numel() * FLOAT32 // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES for p in model[0].parameters()
+        )
+
+
+def test_cpu_tracker_reports_counted_allocated_peak_and_activations_then_stops_counting():
+    model = frozen_first_mlp()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    tracker = MemoryTracker("cpu", models=[model], optimizer=optimizer, count_tensor_steps=2)
+    assert tracker.counting
+    weights = tracker.milestone("after_model_load")["memory/after_model_load/allocated_gib"] * GIB
+    assert weights == tracker.counter.live_bytes > 0
+    for step in (1, 2):
+        train_one_step(model, optimizer)
+        values = tracker.log_step(step)
+        assert values["memory/step/peak_allocated_gib"] * GIB > weights
+    assert not tracker.counting  # two steps counted, then no per-op cost
+    report = tracker.report()
+    assert report["peak"]["allocated"] > weights
+    assert report["breakdown"]["activations_peak"] > 0
+    train_one_step(model, optimizer)
+    assert "memory/step/allocated_gib" not in tracker.log_step(3)  # no count after the window
