@@ -1,10 +1,13 @@
 """The profile command on tiny architectures: one process per cell through the real trainer, result files whose
-values parse and make sense, and an out-of-memory cell that does not end the matrix."""
+values parse and make sense, and an out-of-memory cell that does not end the matrix; `--estimate`: the matrix from
+the trainers' own fake-tensor estimate, equal to their `--estimate_memory`."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 
 from diffusers_lowmem import profile
 
@@ -47,9 +50,11 @@ def test_matrix_writes_csv_markdown_png_and_tensorboard(text_to_image_matrix):
 
     table = read_markdown_rows(output_dir / "results.md")
     assert [row["cell"] for row in table] == labels
-    for row in table:
-        peak = float(row["peak (RSS, MiB)"])
-        assert peak > 0 and float(row["after load (RSS, MiB)"]) > 0
+    # On CPU the memory columns are the trainer's counted tensor bytes (allocated), the process RSS a side column.
+    for row, result in zip(table[:4], results[:4]):
+        assert float(row["peak (allocated, MiB)"]) == pytest.approx(result.peak_allocated / profile.MIB, abs=0.006)
+        assert 0 < float(row["after load (allocated, MiB)"]) < float(row["peak (allocated, MiB)"])
+        assert float(row["peak RSS (process)"]) > 100 * float(row["peak (allocated, MiB)"])  # the libraries' RSS
         assert row["peak % of device"].endswith("%")
     assert (output_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((output_dir / "logs").glob("events.out.tfevents.*"))
@@ -67,6 +72,11 @@ def test_cells_report_breakdown_steps_and_quantization_savings(text_to_image_mat
         assert 0 <= nf4.optimizer_state - 2 * nf4.trainable_params_bytes < 4 * 1024
         assert nf4.median_step_seconds > 0
         assert nf4.peak_rss >= nf4.after_model_load_rss > 0
+        # Counted tensor bytes show what quantization saves (the process RSS, which the libraries dominate, did not).
+        assert nf4.peak_allocated < unquantized.peak_allocated
+        assert unquantized.peak_allocated - nf4.peak_allocated == pytest.approx(
+            unquantized.frozen_weights - nf4.frozen_weights, rel=0.25
+        )
     quant_only = by_cell[(profile.QUANT_ONLY, "nf4")]
     assert quant_only.trainable_params == 0
     # The same frozen base; the adapter cell adds only LyCORIS' small per-layer buffers (alpha, dtype marker).
@@ -169,3 +179,89 @@ def test_causal_lm_train_steps_reports_eval_loss_before_and_after(tmp_path):
     delta = nf4.held_out_loss_before - unquantized.held_out_loss_before
     assert nf4.quantization_loss_delta == pytest.approx(delta) and delta != 0
     assert unquantized.quantization_loss_delta is None and nf4.quantized_conv_bytes is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --estimate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def trainers_own_estimate(args, adapter: str, quant: str, output_dir: Path) -> dict:
+    """The trainer's `--estimate_memory` JSON for the command line the profile builds for this cell."""
+    trainer = profile._trainer(args.task)
+    argv = profile.trainer_argv(args, adapter, quant, output_dir / "no-data", output_dir) + ["--estimate_memory"]
+    trainer.estimate_memory(trainer.parse_args(argv))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return json.loads((output_dir / "memory_estimate.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "task, architecture, size",
+    [("causal-lm", "tiny-llama", ["--seq_len", "32"]), ("text-to-image", "tiny-sd", ["--resolution", "32"])],
+)
+def test_estimate_matrix_equals_the_trainers_own_estimate(fresh_accelerator_state, tmp_path, task, architecture, size):
+    argv = ["--estimate", "--task", task, "--architecture", architecture, *size, "--adapters", "lora"]
+    argv += ["--quant", "none,nf4", "--gradient_checkpointing", "--output_dir", str(tmp_path / "matrix")]
+    args = profile.parse_args(argv)
+    results = profile.main(args)
+    assert [(r.label, r.status) for r in results] == [
+        ("lora / none", "ok"),
+        ("lora / nf4", "ok"),
+        ("quant only / none", "ok"),
+        ("quant only / nf4", "ok"),
+    ], [r.error for r in results]
+    assert not (tmp_path / "matrix" / "data").exists()  # an estimate reads no data, so none is generated
+    by_cell = {(r.adapter, r.quant): r for r in results}
+    for quant in ("none", "nf4"):
+        cell = by_cell[("lora", quant)]
+        own = trainers_own_estimate(args, "lora", quant, tmp_path / f"own-{quant}")
+        assert cell.peak_allocated == own["peak_bytes"] > 0
+        assert cell.extra["estimate"]["breakdown"] == own["breakdown"]
+        assert cell.phase_of_peak == own["phase_of_peak"]
+        written = json.loads((tmp_path / "matrix" / "cells" / f"lora-{quant}" / "memory_estimate.json").read_text())
+        assert written["peak_bytes"] == own["peak_bytes"] and written["at_peak"] == own["at_peak"]
+        assert own["at_peak"][0]["owner"] in cell.held_at_peak
+    # Quantization lowers the frozen weights and the peak, with and without an adapter.
+    for adapter in ("lora", profile.QUANT_ONLY):
+        unquantized, nf4 = by_cell[(adapter, "none")], by_cell[(adapter, "nf4")]
+        assert nf4.frozen_weights < unquantized.frozen_weights
+        assert nf4.peak_allocated < unquantized.peak_allocated
+    # Quantization only: the same frozen base, no adapter, gradients or optimizer state, one no-grad forward.
+    for quant in ("none", "nf4"):
+        quant_only, adapted = by_cell[(profile.QUANT_ONLY, quant)], by_cell[("lora", quant)]
+        assert quant_only.trainable_params_bytes == quant_only.gradients == quant_only.optimizer_state == 0
+        assert 0 <= adapted.frozen_weights - quant_only.frozen_weights < 0.001 * quant_only.frozen_weights
+        assert quant_only.frozen_weights < quant_only.peak_allocated < adapted.peak_allocated
+        assert quant_only.phase_of_peak == "forward"
+    table = {row["cell"]: row for row in read_markdown_rows(tmp_path / "matrix" / "results.md")}
+    for result in results:
+        row = table[result.label]
+        assert float(row["peak (estimated allocated, MiB)"]) == pytest.approx(
+            result.peak_allocated / profile.MIB, abs=0.006
+        )
+        assert row["phase of peak"] == result.phase_of_peak
+    text = (tmp_path / "matrix" / "results.md").read_text()
+    assert "--estimate" in text and "torch " in text and "bitsandbytes " in text
+    with open(tmp_path / "matrix" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["peak_allocated"]) for row in rows] == [r.peak_allocated for r in results]
+    assert (tmp_path / "matrix" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert profile.parse_args(profile._reproduce_argv(args)) == args
+
+
+def test_estimate_of_the_real_run_matches_its_counted_peak(fresh_accelerator_state, tmp_path):
+    """The estimate cell and the real CPU run of the same cell count the same live tensor bytes (within 5 %)."""
+    common = ["--task", "causal-lm", "--architecture", "tiny-llama", "--seq_len", "32", "--adapters", "lora"]
+    common += ["--quant", "nf4", "--no_quant_only_row", "--steps", "2"]
+    (estimated,) = profile.main(profile.parse_args(common + ["--estimate", "--output_dir", str(tmp_path / "e")]))
+    (measured,) = profile.main(profile.parse_args(common + ["--output_dir", str(tmp_path / "m")]))
+    assert measured.status == estimated.status == "ok", (measured.error, estimated.error)
+    assert estimated.peak_allocated == pytest.approx(measured.peak_allocated, rel=0.05)
+    assert estimated.frozen_weights == measured.frozen_weights
