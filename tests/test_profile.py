@@ -54,7 +54,7 @@ def test_matrix_writes_csv_markdown_png_and_tensorboard(text_to_image_matrix):
     for row, result in zip(table[:4], results[:4]):
         assert float(row["peak (allocated, MiB)"]) == pytest.approx(result.peak_allocated / profile.MIB, abs=0.006)
         assert 0 < float(row["after load (allocated, MiB)"]) < float(row["peak (allocated, MiB)"])
-        assert float(row["peak RSS (process)"]) > 100 * float(row["peak (allocated, MiB)"])  # the libraries' RSS
+        assert float(row["peak RSS (process)"]) > 10 * float(row["peak (allocated, MiB)"])  # the libraries' RSS
         assert row["peak % of device"].endswith("%")
     assert (output_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((output_dir / "logs").glob("events.out.tfevents.*"))
