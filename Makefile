@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DEMO_DIR ?= demo-output
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint demo real-demo profile-tiny fidelity-tiny gpu-suite clean
+.PHONY: install test lint demo real-demo profile-tiny profile-estimate fidelity-tiny gpu-suite clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,6 +42,19 @@ profile-tiny: install
 	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task causal-lm --architecture tiny-llama \
 		--adapters lora,loha,lokr,locon --quant none,8bit,nf4 --steps 5 --seq_len 64 --batch_size 2 \
 		--mixed_precision no --output_dir /tmp/profile-tiny-llama
+
+# benchmarks/results/estimate-*.md: real-scale matrices from --estimate_memory (fake tensors; no GPU, weights, data).
+ESTIMATE_DIR ?= /tmp
+ESTIMATE_FLAGS = --estimate --gradient_checkpointing --mixed_precision bf16 --batch_size 1
+profile-estimate: install
+	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task text-to-image --architecture sd15 --resolution 512 \
+		$(ESTIMATE_FLAGS) --output_dir $(ESTIMATE_DIR)/estimate-sd15
+	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task causal-lm --architecture llama2-7b --seq_len 512 \
+		$(ESTIMATE_FLAGS) --output_dir $(ESTIMATE_DIR)/estimate-llama2-7b
+	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task text-to-image --architecture sdxl --resolution 1024 \
+		$(ESTIMATE_FLAGS) --output_dir $(ESTIMATE_DIR)/estimate-sdxl
+	OMP_NUM_THREADS=1 $(PY) -m diffusers_lowmem.profile --task causal-lm --architecture llama3-8b --seq_len 2048 \
+		$(ESTIMATE_FLAGS) --output_dir $(ESTIMATE_DIR)/estimate-llama3-8b
 
 # benchmarks/results/cpu-tiny-fidelity.md: 4 adapters x {none, 8bit, nf4}, 300 steps each, held-out loss beside memory.
 FIDELITY_DIR ?= /tmp/fidelity-tiny
