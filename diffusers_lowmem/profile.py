@@ -831,7 +831,8 @@ def main(args: argparse.Namespace) -> list[CellResult]:
     mode = "estimate" if args.estimate else "cpu" if "CPU" in device_name else "cuda"
     write_csv(results, output_dir / "results.csv")
     write_markdown(results, output_dir / "results.md", args, device_name, device_memory, mode)
-    write_png(results, output_dir / "results.png", mode, f"{args.architecture or args.pretrained} ({device_name})")
+    title = f"{args.architecture or args.pretrained} ({'estimated on ' if args.estimate else ''}{device_name})"
+    write_png(results, output_dir / "results.png", mode, title)
     log_to_tensorboard(results, output_dir)
     print(markdown_table(results, device_memory, mode))
     print(f"\nWrote {output_dir / 'results.md'}, results.csv, results.png")
