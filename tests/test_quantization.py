@@ -430,3 +430,26 @@ def test_conv1d_to_linear_keeps_gpt2_outputs_and_makes_it_quantizable():
         torch.testing.assert_close(model(input_ids).logits, before, atol=1e-5, rtol=1e-5)
     report = quantize_model(model, "nf4", skip=DEFAULT_SKIP_CAUSAL_LM)
     assert len(report.layers) == len(replaced)
+
+
+def test_an_eval_forward_leaves_nf4_layers_in_the_layout_training_needs():
+    """bitsandbytes repacks a Linear4bit's weight for its CPU inference kernel at the first no-grad eval forward on
+    AVX512-BF16 CPUs, after which no gradient goes through the layer (and layers narrower than a block crash):
+    quantize_model's layers keep the standard layout, so training after an evaluation gets the same gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    quantize_model(model, "nf4", compute_errors=False)
+    packed = model[0].weight.data.clone()
+
+    def input_gradient():
+        inputs = torch.randn(4, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        model(inputs).sum().backward()
+        return inputs.grad
+
+    expected = input_gradient()
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 32))
+    model.train()
+    assert torch.equal(model[0].weight.data, packed)
+    torch.testing.assert_close(input_gradient(), expected)
