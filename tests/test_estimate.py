@@ -228,7 +228,14 @@ def test_real_architectures_are_estimated_on_a_cpu_in_little_host_memory(tmp_pat
         ),
         "llama2-7b": (
             "diffusers_lowmem.train_causal_lm",
-            ["--model_name_or_path", "architecture:llama2-7b", "--block_size", "512"],
+            [
+                "--model_name_or_path",
+                "architecture:llama2-7b",
+                "--block_size",
+                "512",
+                "--per_device_train_batch_size",
+                "1",
+            ],
             4.5 * GIB,
         ),
     }
