@@ -843,8 +843,9 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
         default=None,
         metavar="GIB",
         help="Do not train: predict this command's peak device memory (torch.cuda.max_memory_allocated) by running"
-        " its setup and two optimizer steps on fake tensors (shapes, no data), in seconds on any machine, without a"
-        " GPU, weights or data (model configs only; batch shapes come from the flags). Prints a table and writes"
+        " its setup and two optimizer steps on fake tensors (shapes, no data), in about a minute at real scale on any"
+        " machine (once more per variant it tries), without a GPU, weights or data (model configs only; batch shapes"
+        " come from the flags; data flags are not checked). Prints a table and writes"
         " OUTPUT_DIR/memory_estimate.json (peak, breakdown, what holds the peak). With GIB (e.g. 12), also whether"
         " the run fits a device of that many GiB (CUDA context and cuBLAS workspace added) and, if not, which flags"
         " would make it fit.",

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 ESTIMATE_JSON = "memory_estimate.json"
 ESTIMATE_STEPS = 2
+# A fit with less than this share of the budget to spare is flagged: fragmentation can take that much.
+TIGHT_MARGIN = 0.05
 # What a CUDA device holds besides the tensors PyTorch allocates, added to the predicted peak for the verdict.
 # CUDA context: PyTorch's CUDA semantics notes say the context takes "~300-500 MB" depending on the CUDA version
 # and device (https://pytorch.org/docs/stable/notes/cuda.html, "Memory management"); the upper end is used until a
@@ -301,15 +303,24 @@ def report_table(report: dict) -> str:
         lines.append(f"    {entry['bytes'] / MIB:>10.1f} MiB  {entry['kind']:<16} {entry['owner']}")
     if "fits" in report:
         overhead = sum(report["device_overhead_bytes"].values())
+        verdict_word = "FITS" if report["fits"] else "DOES NOT FIT"
+        if report["fits"] and report["margin_bytes"] < TIGHT_MARGIN * report["budget_bytes"]:
+            verdict_word = "FITS, TIGHTLY (allocator fragmentation is not predicted: keep a few % free)"
         lines.append(
             f"Budget {_gib(report['budget_bytes'])}: needs {_gib(report['required_bytes'])} (peak + "
-            f"{overhead / MIB:.0f} MiB CUDA context and cuBLAS workspace): "
-            + ("FITS" if report["fits"] else "DOES NOT FIT")
-            + f", margin {_gib(report['margin_bytes'])}"
+            f"{overhead / MIB:.0f} MiB CUDA context and cuBLAS workspace): {verdict_word}, margin "
+            f"{_gib(report['margin_bytes'])}"
         )
-        for suggestion in report.get("suggestions", []):
+        suggestions = report.get("suggestions", [])
+        for suggestion in suggestions:
             mark = "fits" if suggestion["fits"] else "does not fit"
-            lines.append(f"  with {suggestion['flags']}: peak {_gib(suggestion['peak_bytes'])} ({mark})")
+            needs = suggestion["peak_bytes"] + overhead
+            lines.append(
+                f"  with {suggestion['flags']}: needs {_gib(needs)} (peak {_gib(suggestion['peak_bytes'])}): {mark}"
+            )
+        if suggestions and not any(suggestion["fits"] for suggestion in suggestions):
+            smallest = min(suggestion["peak_bytes"] for suggestion in suggestions) + overhead
+            lines.append(f"  Nothing tried fits: the smallest needs {_gib(smallest)}.")
     return "\n".join(lines)
 
 

@@ -336,12 +336,14 @@ class _Storage:
         self.nbytes, self.kind, self.owner = nbytes, kind, owner
 
 
+# Setup phases make weights; these make what a forward makes.
+_ACTIVATION_PHASES = (PHASE_FORWARD, "VAE encode", "text encode", "validation")
+
+
 def _kind_of_phase(phase: str) -> str:
-    return {
-        PHASE_FORWARD: KIND_ACTIVATIONS,
-        PHASE_BACKWARD: KIND_BACKWARD,
-        PHASE_OPTIMIZER_STEP: KIND_OPTIMIZER_STATE,
-    }.get(phase, KIND_WEIGHTS)
+    if phase in _ACTIVATION_PHASES:
+        return KIND_ACTIVATIONS
+    return {PHASE_BACKWARD: KIND_BACKWARD, PHASE_OPTIMIZER_STEP: KIND_OPTIMIZER_STATE}.get(phase, KIND_WEIGHTS)
 
 
 class LiveTensorCounter(TorchDispatchMode):

@@ -759,6 +759,8 @@ def memory_saving_variants(args) -> list[tuple[str, dict]]:
         variants.append(("--quant nf4", {"quant": "nf4"}))
     if not args.gradient_checkpointing:
         variants.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
+    if not args.offload_activations:
+        variants.append(("--offload_activations", {"offload_activations": True}))
     if args.optimizer == "adamw":
         variants.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
     if args.per_device_train_batch_size > 1:

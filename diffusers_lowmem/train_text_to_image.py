@@ -1184,6 +1184,8 @@ def memory_saving_variants(args) -> list[tuple[str, dict]]:
         variants.append(("--quant nf4", {"quant": "nf4"}))
     if not args.gradient_checkpointing:
         variants.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
+    if not args.offload_activations:
+        variants.append(("--offload_activations", {"offload_activations": True}))
     if not args.cache_latents:
         variants.append(("--cache_latents", {"cache_latents": True}))
     if not args.cache_text_encoder_outputs and not args.train_text_encoder:
