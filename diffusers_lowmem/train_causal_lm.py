@@ -199,7 +199,10 @@ def attach_adapter(args, model):
     """A LyCORIS network on every attention and MLP linear layer, in fp32, registered as a child of `model` (so
     DDP, autocast and accelerate's hooks see it through the model)."""
     config = arg_groups.adapter_config_from_args(args)
-    network = adapters.attach_adapter(model, config, role="llm")
+    try:
+        network = adapters.attach_adapter(model, config, role="llm")
+    except ValueError as error:  # --target_modules that match no layer: the message says what to pass
+        raise SystemExit(f"Bad adapter targets: {error}") from error
     estimate.module_to_(network, dtype=torch.float32)  # trainable adapters stay fp32 under fp16/bf16 mixed precision
     return network
 

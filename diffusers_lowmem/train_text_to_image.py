@@ -252,10 +252,13 @@ def attach_adapters(args, unet, text_encoders: dict, sdxl: bool = False) -> dict
     Keys are kohya's: `lora_unet_`, and `lora_te_` for SD 1.x/2.x or `lora_te1_`/`lora_te2_` for SDXL.
     """
     config = arg_groups.adapter_config_from_args(args)
-    networks = {"unet": adapters.attach_adapter(unet, config, role="unet", sdxl=sdxl)}
-    if args.train_text_encoder:
-        for role, text_encoder in text_encoders.items():
-            networks[role] = adapters.attach_adapter(text_encoder, config, role=role, sdxl=sdxl)
+    try:
+        networks = {"unet": adapters.attach_adapter(unet, config, role="unet", sdxl=sdxl)}
+        if args.train_text_encoder:
+            for role, text_encoder in text_encoders.items():
+                networks[role] = adapters.attach_adapter(text_encoder, config, role=role, sdxl=sdxl)
+    except ValueError as error:  # --target_modules that match no layer of a model: the message says what to pass
+        raise SystemExit(f"Bad adapter targets: {error}") from error
     # attach_adapter registers each network as a child of its model (so DDP, autocast and accelerate's hooks see
     # it) and keeps it in fp32 under fp16/bf16 mixed precision.
     return networks

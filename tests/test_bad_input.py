@@ -263,3 +263,14 @@ def test_a_tokenizer_larger_than_an_architectures_embedding_is_refused(
         train_causal_lm.main(train_causal_lm.parse_args(argv))
     assert_exit(error, "The tokenizer has 1001 tokens but the model embeds 1000 (vocab_size of its config)")
     assert not (tmp_path / "out").exists()
+
+
+def test_targets_that_match_no_layer_end_with_a_message_naming_the_model_and_what_to_pass(
+    tiny_sd_path, tiny_images_path, tmp_path
+):
+    argv = train_argv(tiny_sd_path, tiny_images_path, tmp_path, "--target_modules", "unet:nonexistent_xyz")
+    with pytest.raises(SystemExit) as exit_info:
+        train_text_to_image.main(train_text_to_image.parse_args(argv))
+    message = str(exit_info.value)
+    assert message.startswith("Bad adapter targets:") and "unet" in message and "--target_modules" in message
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
