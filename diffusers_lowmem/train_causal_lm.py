@@ -378,9 +378,9 @@ def save_outputs(args, accelerator, network, model, tokenizer, results: dict, co
 def main(args: argparse.Namespace) -> dict:
     """Trains and returns a summary (global step, final loss, perplexity, output paths); with
     `--estimate_memory`, only estimates the run's memory and returns the estimate."""
+    allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     if args.estimate_memory is not None:
         return estimate_memory(args)
-    allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     accelerator = setup_accelerator(args)
     # Data first, as upstream: a bad file fails before the model is loaded or anything is written. The blocks are
     # cut here too, their size bounded by the model's positions read from its config (no weights yet).
@@ -780,7 +780,7 @@ def memory_saving_variants(args) -> list[tuple[str, dict]]:
 def estimate_memory(args: argparse.Namespace) -> dict:
     """`--estimate_memory [GIB]`: predicts the run's peak device memory without training, prints the table, writes
     `OUTPUT_DIR/memory_estimate.json` and returns the report (see `estimate.build_report`)."""
-    report = replay_on_fake_tensors(args)
+    report = {**replay_on_fake_tensors(args), **allocator.report_entry()}  # the allocator setting the run gets
     if args.estimate_memory:
         report.update(estimate.verdict(report["peak_bytes"], args.estimate_memory))
         if not report["fits"]:

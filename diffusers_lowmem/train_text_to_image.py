@@ -643,9 +643,9 @@ def save_adapter_weights(args, networks, output_dir) -> Path:
 def main(args: argparse.Namespace) -> dict:
     """Trains and returns a summary (final loss, steps, output paths); with `--estimate_memory`, only estimates
     the run's memory and returns the estimate."""
+    allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     if args.estimate_memory is not None:
         return estimate_memory(args)
-    allocator.configure_allocator()  # expandable segments unless the user set the allocator: before CUDA starts
     accelerator = setup_accelerator(args)
     seed = training.resolve_seed(args.seed)
     resume_path = training.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -1210,7 +1210,7 @@ def memory_saving_variants(args) -> list[tuple[str, dict]]:
 def estimate_memory(args: argparse.Namespace) -> dict:
     """`--estimate_memory [GIB]`: predicts the run's peak device memory without training, prints the table, writes
     `OUTPUT_DIR/memory_estimate.json` and returns the report (see `estimate.build_report`)."""
-    report = replay_on_fake_tensors(args)
+    report = {**replay_on_fake_tensors(args), **allocator.report_entry()}  # the allocator setting the run gets
     if args.estimate_memory:
         report.update(estimate.verdict(report["peak_bytes"], args.estimate_memory))
         if not report["fits"]:
