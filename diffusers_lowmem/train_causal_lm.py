@@ -644,7 +644,7 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
     if args.output_dir is not None:
         os.makedirs(args.output_dir, exist_ok=True)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
-    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=1)
+    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=1, count_tensor_steps=1)
     if args.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT_NAME, config=training.tracker_config(args))
     tokenizer = load_tokenizer(args)

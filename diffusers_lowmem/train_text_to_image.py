@@ -943,7 +943,7 @@ def measure_frozen_base(args: argparse.Namespace) -> dict:
     accelerator = setup_accelerator(args)
     os.makedirs(args.output_dir, exist_ok=True)
     weight_dtype = training.weight_dtype_for(accelerator.mixed_precision)
-    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=1)
+    tracker = memory.MemoryTracker(accelerator.device, accelerator, args.output_dir, log_every=1, count_tensor_steps=1)
     sdxl = is_sdxl(args)
     tokenizers = load_tokenizers(args, sdxl)
     text_encoders, vae, unet, noise_scheduler = load_models(args, weight_dtype, sdxl)
