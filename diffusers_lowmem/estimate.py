@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
 
-from diffusers_lowmem import activation_offload
+from diffusers_lowmem import activation_offload, allocator
 from diffusers_lowmem.memory import BREAKDOWN_FIELDS, GIB, MIB, LiveTensorCounter, MemoryBreakdown
 
 logger = logging.getLogger(__name__)
@@ -286,6 +286,38 @@ def suggest_variants(
             continue
         suggestions.append({"flags": flags, "peak_bytes": int(peak), "fits": verdict(peak, budget_gib)["fits"]})
     return sorted(suggestions, key=lambda entry: (not entry["fits"], entry["peak_bytes"]))
+
+
+def estimate_command(
+    args, replay: Callable[[object], dict], variants: list[tuple[str, dict]], output_dir=None
+) -> dict:
+    """What `--estimate_memory [GIB]` does in either trainer: estimates, judges the budget, tries `variants` when it
+    does not fit (plus all of them together), prints the table and writes `OUTPUT_DIR/memory_estimate.json`.
+
+    Args:
+        args: The trainer's parsed command line; `args.estimate_memory` is the budget in GiB (0: none).
+        replay: The trainer's `replay_on_fake_tensors`, returning `build_report`'s dict for a namespace.
+        variants: `(flags, {attribute: value})` changes that save memory, for `suggest_variants`.
+        output_dir: Where the JSON goes; `None` writes none.
+
+    Returns:
+        The report: `build_report`'s fields, the allocator setting the run gets and, with a budget, the verdict and
+        the suggestions.
+    """
+    report = {**replay(args), **allocator.report_entry()}
+    if args.estimate_memory:
+        report.update(verdict(report["peak_bytes"], args.estimate_memory))
+        if not report["fits"]:
+            if len(variants) > 1:
+                everything = {key: value for _, changes in variants for key, value in changes.items()}
+                variants = [*variants, (" ".join(flags for flags, _ in variants), everything)]
+            report["suggestions"] = suggest_variants(
+                args, variants, lambda variant: replay(variant)["peak_bytes"], args.estimate_memory
+            )
+    print(report_table(report))
+    if output_dir is not None:
+        logger.info(f"Wrote {write_report(report, output_dir)}")
+    return report
 
 
 def _gib(num_bytes: int) -> str:

@@ -756,7 +756,7 @@ def replay_frozen_base_on_fake_tensors(args) -> dict:
 
 
 def memory_saving_variants(args) -> list[tuple[str, dict]]:
-    """The flag changes `--estimate_memory GIB` tries when the command does not fit, each once."""
+    """The flag changes `--estimate_memory GIB` tries when the command does not fit (each once; all together too)."""
     variants = []
     if args.quant != "nf4":
         variants.append(("--quant nf4", {"quant": "nf4"}))
@@ -771,29 +771,13 @@ def memory_saving_variants(args) -> list[tuple[str, dict]]:
         variants.append((f"--per_device_train_batch_size {half}", {"per_device_train_batch_size": half}))
     if args.block_size is not None and args.block_size > 128:
         variants.append((f"--block_size {args.block_size // 2}", {"block_size": args.block_size // 2}))
-    everything = {key: value for _, changes in variants for key, value in changes.items()}
-    if len(variants) > 1:
-        variants.append((" ".join(flags for flags, _ in variants), everything))
     return variants
 
 
 def estimate_memory(args: argparse.Namespace) -> dict:
     """`--estimate_memory [GIB]`: predicts the run's peak device memory without training, prints the table, writes
-    `OUTPUT_DIR/memory_estimate.json` and returns the report (see `estimate.build_report`)."""
-    report = {**replay_on_fake_tensors(args), **allocator.report_entry()}  # the allocator setting the run gets
-    if args.estimate_memory:
-        report.update(estimate.verdict(report["peak_bytes"], args.estimate_memory))
-        if not report["fits"]:
-            report["suggestions"] = estimate.suggest_variants(
-                args,
-                memory_saving_variants(args),
-                lambda variant: replay_on_fake_tensors(variant)["peak_bytes"],
-                args.estimate_memory,
-            )
-    print(estimate.report_table(report))
-    if args.output_dir is not None:
-        logger.info(f"Wrote {estimate.write_report(report, args.output_dir)}")
-    return report
+    `OUTPUT_DIR/memory_estimate.json` and returns the report (see `estimate.estimate_command`)."""
+    return estimate.estimate_command(args, replay_on_fake_tensors, memory_saving_variants(args), args.output_dir)
 
 
 def cli() -> None:

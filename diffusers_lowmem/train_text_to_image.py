@@ -1181,7 +1181,7 @@ class _NoSchedule:
 
 
 def memory_saving_variants(args) -> list[tuple[str, dict]]:
-    """The flag changes `--estimate_memory GIB` tries when the command does not fit, each once and all together."""
+    """The flag changes `--estimate_memory GIB` tries when the command does not fit (each once; all together too)."""
     variants = []
     if args.quant != "nf4":
         variants.append(("--quant nf4", {"quant": "nf4"}))
@@ -1201,28 +1201,13 @@ def memory_saving_variants(args) -> list[tuple[str, dict]]:
     smaller = args.resolution * 3 // 4 // arg_groups.VAE_SCALE_FACTOR * arg_groups.VAE_SCALE_FACTOR
     if smaller >= 256:
         variants.append((f"--resolution {smaller}", {"resolution": smaller}))
-    if len(variants) > 1:
-        everything = {key: value for _, changes in variants for key, value in changes.items()}
-        variants.append((" ".join(flags for flags, _ in variants), everything))
     return variants
 
 
 def estimate_memory(args: argparse.Namespace) -> dict:
     """`--estimate_memory [GIB]`: predicts the run's peak device memory without training, prints the table, writes
-    `OUTPUT_DIR/memory_estimate.json` and returns the report (see `estimate.build_report`)."""
-    report = {**replay_on_fake_tensors(args), **allocator.report_entry()}  # the allocator setting the run gets
-    if args.estimate_memory:
-        report.update(estimate.verdict(report["peak_bytes"], args.estimate_memory))
-        if not report["fits"]:
-            report["suggestions"] = estimate.suggest_variants(
-                args,
-                memory_saving_variants(args),
-                lambda variant: replay_on_fake_tensors(variant)["peak_bytes"],
-                args.estimate_memory,
-            )
-    print(estimate.report_table(report))
-    logger.info(f"Wrote {estimate.write_report(report, args.output_dir)}")
-    return report
+    `OUTPUT_DIR/memory_estimate.json` and returns the report (see `estimate.estimate_command`)."""
+    return estimate.estimate_command(args, replay_on_fake_tensors, memory_saving_variants(args), args.output_dir)
 
 
 def cli() -> None:
