@@ -38,17 +38,17 @@ ESTIMATE_STEPS = 2
 # A fit with less than this share of the budget to spare is flagged: fragmentation can take that much.
 TIGHT_MARGIN = 0.05
 # What a CUDA device holds besides the tensors PyTorch allocates, added to the predicted peak for the verdict.
-# CUDA context: PyTorch's CUDA semantics notes say the context takes "~300-500 MB" depending on the CUDA version
-# and device (https://pytorch.org/docs/stable/notes/cuda.html, "Memory management"); the upper end is used until a
-# measurement on the device replaces it (benchmarks/gpu/run.sh measures it).
+# CUDA context: no fixed value is published; it depends on the CUDA version (lazy module loading, the default on
+# Linux since CUDA 12.2, shrinks it), the driver and the device, and is typically a few hundred MiB. 500 MiB is a
+# conservative placeholder until benchmarks/gpu/run.sh measures it on a device.
 CUDA_CONTEXT_BYTES = 500 * MIB
-# cuBLAS workspace: PyTorch's reproducibility notes give the default config ":4096:8" on Hopper and newer (8 buffers
-# of 4096 KiB; ":4096:2:16:8" elsewhere, 8.125 MiB + 8 x 16 KiB), https://pytorch.org/docs/stable/notes/
-# randomness.html and torch/csrc/cuda/CUDABlas.cpp `getChosenWorkspaceSize`: the larger one is used.
+# cuBLAS workspace: NVIDIA's cuBLAS API reference (cublasSetWorkspace) recommends 32 MiB on Hopper and 4 MiB on
+# earlier GPUs, and PyTorch gives cuBLASLt 32 MiB on compute capability 9.0 and newer (pytorch/pytorch#120925):
+# the larger one is used.
 CUBLAS_WORKSPACE_BYTES = 32 * MIB
 DEVICE_OVERHEAD_SOURCES = {
-    "cuda_context": "PyTorch docs, CUDA semantics: ~300-500 MB; upper end",
-    "cublas_workspace": "PyTorch docs, reproducibility: CUBLAS_WORKSPACE_CONFIG default :4096:8 on Hopper",
+    "cuda_context": "placeholder (no published value; depends on CUDA version, driver, device): 500 MiB",
+    "cublas_workspace": "cuBLAS API reference, cublasSetWorkspace: 32 MiB recommended on Hopper",
 }
 
 
