@@ -214,6 +214,21 @@ def forward_loss(args, loss_fn, model, batch) -> torch.Tensor:
         return loss_fn(model, batch)
 
 
+def backward_and_step(accelerator, loss, optimizer, lr_scheduler) -> torch.Tensor:
+    """Backward, the optimizer and schedule step (applied by accelerate on sync steps only; `lr_scheduler` None: no
+    schedule, as in the memory estimate).
+
+    Returns:
+        The loss detached: keep that, not `loss`. The graph goes now, not at the next forward: bitsandbytes' 8-bit
+        matmul keeps its inputs on its autograd node, which backward does not free.
+    """
+    accelerator.backward(loss)
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return loss.detach()
+
+
 def create_optimizer(args, network, device) -> tuple[list, torch.optim.Optimizer]:
     """The adapter's parameters and their `--optimizer`, as upstream (the adapter has no bias or norm weights to
     exempt from weight decay; betas and eps: the optimizer's defaults, as upstream's AdamW)."""
@@ -522,12 +537,7 @@ def main(args: argparse.Namespace) -> dict:
                         optimizer.zero_grad()
                         continue
                     total_loss += loss.detach().float()
-                    accelerator.backward(loss)
-                    # Let the graph go now, not at the next forward: bitsandbytes' 8-bit matmul keeps its inputs on
-                    # its autograd node, which backward does not free.
-                    loss = loss.detach()
-                    optimizer.step()
-                    lr_scheduler.step()
+                    loss = backward_and_step(accelerator, loss, optimizer, lr_scheduler)
                     if accelerator.sync_gradients and global_step + 1 == first_step_of_run:
                         # Before zero_grad: gradients and the new optimizer state are both held here.
                         tracker.milestone("after_first_step", step=global_step + 1)
@@ -718,13 +728,11 @@ def replay_on_fake_tensors(args) -> dict:
         for _ in range(estimate.ESTIMATE_STEPS):
             counter.phase = "forward"
             loss = forward_loss(args, loss_fn, model, batch)
-            accelerator.backward(loss)
-            optimizer.step()
+            loss = backward_and_step(accelerator, loss, optimizer, None)
             if breakdown is None:  # after the first step: gradients and the optimizer state are both held
                 breakdown = memory.memory_breakdown([model], optimizer)
                 counter.label_tensors({"llm": model}, optimizer)
             optimizer.zero_grad()
-            del loss
     accelerator.free_memory()
     return estimate.build_report(counter, breakdown, "train_causal_lm " + " ".join(sys.argv[1:]))
 

@@ -491,14 +491,22 @@ def forward_loss(args, batch, unet, text_encoders: dict, vae, noise_scheduler, w
         return compute_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
 
 
-def backward_and_step(args, accelerator, loss, optimizer, lr_scheduler, params_to_clip) -> None:
+def backward_and_step(args, accelerator, loss, optimizer, lr_scheduler, params_to_clip) -> torch.Tensor:
     """Backward, then on a sync step gradient clipping (`--max_grad_norm`); the optimizer and schedule step (which
-    accelerate applies only on sync steps)."""
+    accelerate applies only on sync steps; `lr_scheduler` None: no schedule, as in the memory estimate).
+
+    Returns:
+        The loss detached: keep that, not `loss`. The graph goes now, not at the next forward: bitsandbytes' 8-bit
+        matmul keeps its inputs on its autograd node (not as saved tensors, which backward frees), 2.6 MiB of a
+        16 MiB peak on the tiny UNet (measured with the live-tensor counter).
+    """
     accelerator.backward(loss)
     if accelerator.sync_gradients:
         accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
     optimizer.step()
-    lr_scheduler.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return loss.detach()
 
 
 def create_optimizer(args, networks: dict, trained_roles: list, device) -> tuple[list[dict], torch.optim.Optimizer]:
@@ -838,11 +846,7 @@ def main(args: argparse.Namespace) -> dict:
                         continue
                     avg_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
                     train_loss += avg_loss.item() / args.gradient_accumulation_steps
-                    backward_and_step(args, accelerator, loss, optimizer, lr_scheduler, params_to_clip)
-                    # Let the graph go now, not at the next forward: bitsandbytes' 8-bit matmul keeps its inputs on
-                    # its autograd node (not as saved tensors, which backward frees), 2.6 MiB of a 16 MiB peak on
-                    # the tiny UNet (measured with the live-tensor counter).
-                    loss = loss.detach()
+                    loss = backward_and_step(args, accelerator, loss, optimizer, lr_scheduler, params_to_clip)
                     if accelerator.sync_gradients and global_step + 1 == first_step_of_run:
                         # Before zero_grad: gradients and the new optimizer state are both held here.
                         tracker.milestone("after_first_step", step=global_step + 1)
@@ -1131,12 +1135,11 @@ def replay_on_fake_tensors(args) -> dict:
         for _ in range(estimate.ESTIMATE_STEPS):
             counter.phase = "forward"
             loss = forward_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
-            backward_and_step(args, accelerator, loss, optimizer, _NoSchedule(), params_to_clip)
+            loss = backward_and_step(args, accelerator, loss, optimizer, None, params_to_clip)
             if breakdown is None:  # after the first step: gradients and the optimizer state are both held
                 breakdown = memory.memory_breakdown(list(models.values()), optimizer)
                 counter.label_tensors(models, optimizer)
             optimizer.zero_grad()
-            del loss
     accelerator.free_memory()
     return estimate.build_report(counter, breakdown, "train_text_to_image " + " ".join(sys.argv[1:]))
 
@@ -1171,13 +1174,6 @@ def replay_frozen_base_on_fake_tensors(args) -> dict:
             unet(latents.to(weight_dtype), timesteps, text_states, added_cond_kwargs=added_cond_kwargs)
         breakdown = memory.memory_breakdown(list(models.values()))
     return estimate.build_report(counter, breakdown, "train_text_to_image (frozen base) " + " ".join(sys.argv[1:]))
-
-
-class _NoSchedule:
-    """The learning-rate schedule's step, which holds no tensors: the estimate needs none."""
-
-    def step(self) -> None:
-        pass
 
 
 def memory_saving_variants(args) -> list[tuple[str, dict]]:
