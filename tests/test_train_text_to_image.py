@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diffusers_lowmem import adapters, train_text_to_image
+from diffusers_lowmem import adapters, memory, train_text_to_image
 from diffusers_lowmem import args as arg_groups
 from diffusers_lowmem.training import list_checkpoints
 
@@ -380,3 +380,45 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_sd_path, tiny_images_
     assert len(checkpoints) == 1
     assert f"Stopped by SIGTERM at step {checkpoints[0].name.split('-')[1]}; saved {checkpoints[0]}" in output
     assert (checkpoints[0] / adapters.DIFFUSERS_WEIGHT_NAME).is_file()
+
+
+def _is_quantized(model) -> bool:
+    import bitsandbytes as bnb
+
+    return any(isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for module in model.modules())
+
+
+@pytest.mark.parametrize("quant", ["8bit", "nf4"])
+def test_cached_encoders_run_alone_before_the_unet_is_placed(tiny_sd_path, tiny_images_path, tmp_path, quant):
+    # On the device while each cached encoder runs: the VAE alone, then the text encoder alone; the UNet is placed
+    # (quantized) only after both have left, so an encode's activations never sit on top of the UNet's weights.
+    argv = train_argv(tiny_sd_path, tiny_images_path, tmp_path, "--quant", quant)
+    args = train_text_to_image.parse_args([*argv, "--cache_latents", "--cache_text_encoder_outputs"])
+    text_encoders, vae, unet, _ = train_text_to_image.load_models(args, torch.float32)
+    (text_encoder,) = text_encoders.values()
+    seen = {}
+
+    class RecordingEncodings:
+        def cache_latents(self, encoder):
+            assert encoder is vae
+            seen["latents"] = (counter.live_bytes, _is_quantized(text_encoder), _is_quantized(unet))
+
+        def cache_text_encoder_outputs(self, encoders):
+            assert encoders == text_encoders
+            vae_bytes_counted = counter.forget(list(vae.parameters()))  # 0: already off the device
+            seen["text"] = (vae_bytes_counted, _is_quantized(text_encoder), _is_quantized(unet))
+
+    with memory.LiveTensorCounter("cpu") as counter:
+        counter.adopt(list(vae.parameters()) + list(vae.buffers()))  # the VAE is placed first, as in `main`
+        vae_bytes = counter.live_bytes
+        quant_reports, cached_away = train_text_to_image.place_frozen_base(
+            args, unet, text_encoders, vae, torch.float32, "cpu", RecordingEncodings(), counter=counter
+        )
+        text_encoder_bytes_counted = counter.forget(list(text_encoder.parameters()))
+
+    assert vae_bytes > 0
+    assert seen["latents"] == (vae_bytes, False, False)
+    assert seen["text"] == (0, True, False)
+    assert _is_quantized(unet) and text_encoder_bytes_counted == 0
+    assert cached_away == [vae, text_encoder]
+    assert set(quant_reports) == {"unet", "text_encoder"}
