@@ -205,7 +205,21 @@ def _build_transformers_model(config: dict) -> nn.Module:
     config_class, model_class = transformers_classes[config["architectures"][0]]
     # The published dtype only says how the checkpoint was saved; build in the default dtype like `from_config`.
     config = {key: value for key, value in config.items() if key != "torch_dtype"}
-    return model_class(config_class.from_dict(config))
+    return tie_weights_(model_class(config_class.from_dict(config)))
+
+
+def tie_weights_(model: nn.Module) -> nn.Module:
+    """Ties what the model's config ties (a causal LM's `lm_head` to its input embedding with
+    `tie_word_embeddings`), in place, and returns the model.
+
+    transformers 5 ties them when loading weights (`from_pretrained`), not when a model is built from its config
+    (`from_config`, the class itself), so a model built on the meta device would otherwise hold two embedding
+    matrices where the real run holds one: SmolLM2-135M's is 108 MiB in fp32, 14 % of its QLoRA run's peak.
+    Models without `tie_weights` (diffusers') are returned unchanged.
+    """
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
 
 
 def _build_model(config: dict) -> nn.Module:

@@ -190,10 +190,9 @@ def module_to_(module: nn.Module, device=None, dtype: torch.dtype | None = None)
     """
     if not is_fake_module(module):
         return module.to(device=device, dtype=dtype)
+    for parameter in module.parameters():  # each once: a tied parameter is moved once, and stays tied
+        parameter.data = _moved(parameter.data, device, dtype)
     for submodule in module.modules():
-        for parameter in submodule._parameters.values():
-            if parameter is not None:
-                parameter.data = _moved(parameter.data, device, dtype)
         for name, buffer in submodule._buffers.items():
             if buffer is not None:
                 submodule._buffers[name] = _moved(buffer, device, dtype)

@@ -318,8 +318,9 @@ def _materialize_slots_(model: nn.Module, device: torch.device, dtype: torch.dty
     for module, name, tensor, is_parameter in _tensor_slots(model):
         if tensor.device.type != "meta":
             continue
-        if type(tensor) not in (nn.Parameter, torch.Tensor):
-            # A bitsandbytes parameter on the meta device has no float weight to give random values to.
+        if type(tensor) not in (nn.Parameter, torch.Tensor) and not is_fake(tensor):
+            # A bitsandbytes parameter on the meta device has no float weight to give random values to. (A fake
+            # tensor on meta, e.g. a layer converted under the memory estimate's fake mode, is materialised.)
             logger.warning(f"Leaving {type(module).__name__}.{name} on the meta device: {type(tensor).__name__}")
             continue
         if id(tensor) not in replaced:

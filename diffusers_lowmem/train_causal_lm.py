@@ -152,10 +152,13 @@ def load_model(args, weight_dtype: torch.dtype, tokenizer, with_weights: bool = 
     else:
         from accelerate import init_empty_weights
 
+        from diffusers_lowmem import architectures
+
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(
                 config, torch_dtype=weight_dtype, trust_remote_code=args.trust_remote_code
             )
+        architectures.tie_weights_(model)  # as `from_pretrained` does (tie_word_embeddings)
     # As upstream: a tokenizer with more tokens than the embedding gets rows for them (frozen, like the rest).
     embedding_size = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > embedding_size:

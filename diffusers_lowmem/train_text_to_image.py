@@ -196,6 +196,8 @@ def _models_from_configs(args, roles, text_encoder_classes: dict, vae_class, une
     """Text encoders, VAE and UNet built on the meta device from their config files (no weight file is read)."""
     from accelerate import init_empty_weights
 
+    from diffusers_lowmem import architectures
+
     path, revision = args.pretrained_model_name_or_path, args.revision
     vae_path = args.pretrained_vae_model_name_or_path
     with init_empty_weights():
@@ -203,7 +205,7 @@ def _models_from_configs(args, roles, text_encoder_classes: dict, vae_class, une
         for role in roles:
             model_class = text_encoder_classes[role]
             config = model_class.config_class.from_pretrained(path, subfolder=role, revision=revision)
-            text_encoders[role] = model_class(config)
+            text_encoders[role] = architectures.tie_weights_(model_class(config))
         vae = vae_class.from_config(
             vae_class.load_config(vae_path or path, subfolder=None if vae_path else "vae", revision=revision)
         )

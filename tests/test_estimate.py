@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 from test_train_causal_lm import train_argv as causal_argv
 from test_train_text_to_image import train_argv as text_to_image_argv
@@ -134,6 +135,22 @@ def test_causal_lm_memory_flags_are_estimated(flags, tiny_llama_path, tiny_text_
         train_causal_lm, lambda out: causal_argv(tiny_llama_path, tiny_text_path, out, *flags, *STEPS), tmp_path
     )
     assert_estimate_matches(report, predicted)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_a_model_with_tied_embeddings_is_estimated_with_one_embedding(quant, tiny_gpt2_path, tiny_text_path, tmp_path):
+    # GPT-2 ties its output layer to the input embedding, as SmolLM2 does; built from its config alone the estimate
+    # must tie them too, or it counts the embedding twice (SmolLM2-135M: 108 MiB, 14 % of its QLoRA peak).
+    flags = ["--adapter", "lora", *([] if quant == "none" else ["--quant", quant]), *STEPS]
+    report, predicted = real_and_estimate(
+        train_causal_lm, lambda out: causal_argv(tiny_gpt2_path, tiny_text_path, out, *flags), tmp_path
+    )
+    assert_estimate_matches(report, predicted)
+    args = train_causal_lm.parse_args(causal_argv(tiny_gpt2_path, tiny_text_path, tmp_path))
+    skeleton = train_causal_lm.load_model(
+        args, torch.float32, train_causal_lm.load_tokenizer(args), with_weights=False
+    )
+    assert skeleton.get_output_embeddings().weight is skeleton.get_input_embeddings().weight
 
 
 def test_the_json_report_says_what_holds_the_peak(tiny_sd_path, tmp_path):
