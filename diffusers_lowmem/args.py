@@ -843,8 +843,8 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
         default=None,
         metavar="GIB",
         help="Do not train: predict this command's peak device memory (torch.cuda.max_memory_allocated) by running"
-        " its setup and two optimizer steps on fake tensors (shapes, no data), in about a minute at real scale on any"
-        " machine (once more per variant it tries), without a GPU, weights or data (model configs only; batch shapes"
+        " its setup and two optimizer steps on fake tensors (shapes, no data), in 10 s to a few minutes at real scale on a"
+        " 2-core CPU (once more per variant it tries), without a GPU, weights or data (model configs only; batch shapes"
         " come from the flags; data flags are not checked). Prints a table and writes"
         " OUTPUT_DIR/memory_estimate.json (peak, breakdown, what holds the peak). With GIB (e.g. 12), also whether"
         " the run fits a device of that many GiB (CUDA context and cuBLAS workspace added) and, if not, which flags"
@@ -1196,6 +1196,25 @@ def _check_model_reference(parser: argparse.ArgumentParser, flag: str, reference
         parser.error(
             f"{flag} {reference!r} is neither an existing local path nor a Hub id of the form org/name: check the"
             f" path, or use {ARCHITECTURE_PREFIX}NAME for an architecture with random weights."
+        )
+    _check_cached_when_offline(parser, flag, reference)
+
+
+def _check_cached_when_offline(parser: argparse.ArgumentParser, flag: str, hub_id: str) -> None:
+    """With HF_HUB_OFFLINE set, a Hub id must be in the local cache: otherwise loading it fails after the data set
+    is built, with a connection error that does not say the path was the problem."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        snapshot_download(hub_id, local_files_only=True)
+    except LocalEntryNotFoundError:
+        parser.error(
+            f"{flag} {hub_id!r} is not a local path (from {os.getcwd()}), and as a Hub id it is not in the local"
+            f" cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set: check the path, or download the model"
+            " once with HF_HUB_OFFLINE unset."
         )
 
 

@@ -238,7 +238,7 @@ def test_valid_text_to_image_command_passes(image_dir, tmp_path):
 @pytest.mark.parametrize(
     "model", ["stable-diffusion-v1-5/stable-diffusion-v1-5", "architecture:sd15", "architecture:tiny-sdxl"]
 )
-def test_text_to_image_accepts_hub_ids_and_architectures(model, image_dir):
+def test_text_to_image_accepts_hub_ids_and_architectures(model, image_dir, hub_online):
     parse_text_to_image(["--pretrained_model_name_or_path", model, "--train_data_dir", str(image_dir)])
 
 
@@ -258,8 +258,45 @@ def test_valid_causal_lm_command_passes(text_file, tmp_path):
 
 
 @pytest.mark.parametrize("model", ["gpt2", "openai-community/gpt2", "architecture:llama2-7b"])
-def test_causal_lm_accepts_hub_ids_and_architectures(model):
+def test_causal_lm_accepts_hub_ids_and_architectures(model, hub_online):
     parse_causal_lm(["--model_name_or_path", model, "--dataset_name", "wikitext", "--checkpointing_steps", "100"])
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Hub ids as they are checked with the Hub reachable (CI sets HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def hub_offline_with_cache(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE set and a Hub cache holding `org/cached` (a snapshot with its `refs/main`)."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--cached" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+@pytest.mark.parametrize("trainer", ["text-to-image", "causal-lm"])
+def test_offline_a_hub_id_must_be_cached_and_a_mistyped_path_says_so(
+    trainer, hub_offline_with_cache, image_dir, capsys
+):
+    # `tiny/lama` meant as a local folder: offline, it used to pass as a Hub id and fail after the data was built.
+    def argv(model):
+        if trainer == "text-to-image":
+            return ["--pretrained_model_name_or_path", model, "--train_data_dir", str(image_dir)]
+        return ["--model_name_or_path", model, "--dataset_name", "wikitext"]
+
+    parse = parse_text_to_image if trainer == "text-to-image" else parse_causal_lm
+    assert_usage_error(parse, argv("tiny/lama"), capsys, "'tiny/lama' is not a local path", "HF_HUB_OFFLINE is set")
+    parse(argv("org/cached"))  # in the cache: accepted offline
 
 
 def _t2i(image_dir, *extra):
@@ -405,14 +442,14 @@ def test_adapter_config_from_args_round_trip():
 
 
 @pytest.mark.parametrize("module", ["train_text_to_image", "train_causal_lm"])
-def test_push_to_hub_is_refused_before_training_when_the_hub_is_off(module, monkeypatch, capsys):
+def test_push_to_hub_is_refused_before_training_when_the_hub_is_off(module, monkeypatch, capsys, tmp_path):
     import importlib
 
     from huggingface_hub import constants
 
     trainer = importlib.import_module(f"diffusers_lowmem.{module}")
     model_flag = "--pretrained_model_name_or_path" if module == "train_text_to_image" else "--model_name_or_path"
-    argv = [model_flag, "org/model", "--dataset_name", "x/y", "--output_dir", "out", "--push_to_hub"]
+    argv = [model_flag, str(tmp_path), "--dataset_name", "x/y", "--output_dir", "out", "--push_to_hub"]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as exit_info:
         trainer.parse_args(argv)
