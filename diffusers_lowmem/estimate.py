@@ -274,7 +274,9 @@ def suggest_variants(
         `[{"flags": str, "peak_bytes": int, "fits": bool}]` for every variant tried, fitting ones first.
     """
     suggestions = []
-    for flags, changes in variants:
+    variants = list(variants)
+    for number, (flags, changes) in enumerate(variants, start=1):
+        logger.info(f"Re-estimating with {flags} ({number}/{len(variants)})")
         variant = copy.copy(args)
         for attribute, value in changes.items():
             setattr(variant, attribute, value)
@@ -307,6 +309,11 @@ def estimate_command(
     if args.estimate_memory:
         report.update(verdict(report["peak_bytes"], args.estimate_memory))
         if not report["fits"]:
+            # The command's own verdict first (printed and written), then the variants, each as long as this one.
+            print(report_table(report))
+            if output_dir is not None:
+                write_report(report, output_dir)
+            logger.info(f"It does not fit: re-estimating {len(variants) + (len(variants) > 1)} variants.")
             if len(variants) > 1:
                 everything = {key: value for _, changes in variants for key, value in changes.items()}
                 variants = [*variants, (" ".join(flags for flags, _ in variants), everything)]
@@ -342,6 +349,11 @@ def report_table(report: dict) -> str:
             f"{overhead / MIB:.0f} MiB CUDA context and cuBLAS workspace): {verdict_word}, margin "
             f"{_gib(report['margin_bytes'])}"
         )
+        if report["budget_bytes"] <= overhead:
+            lines.append(
+                f"  The budget is below the CUDA context and cuBLAS workspace alone ({overhead / MIB:.0f} MiB): no"
+                " flags can fit it."
+            )
         suggestions = report.get("suggestions", [])
         for suggestion in suggestions:
             mark = "fits" if suggestion["fits"] else "does not fit"

@@ -233,6 +233,9 @@ def test_a_budget_that_is_too_small_names_variants(tiny_sd_path, tmp_path, capsy
     overhead = sum(report["device_overhead_bytes"].values())
     smallest = (min(by_flags.values()) + overhead) / GIB
     assert f"Nothing tried fits: the smallest needs {smallest:.2f} GiB." in printed
+    assert "The budget is below the CUDA context and cuBLAS workspace alone" in printed
+    # The command's own verdict is printed before any variant is tried (those take as long each).
+    assert printed.index("DOES NOT FIT") < printed.index("with --quant nf4: needs")
 
 
 def test_real_architectures_are_estimated_on_a_cpu_in_little_host_memory(tmp_path):
