@@ -212,7 +212,7 @@ def test_quantization_loss_delta_compares_against_the_unquantized_run(tiny_sd_pa
     ],
 )
 def test_bad_evaluation_flags_fail_in_the_parser(extra, message, capsys):
-    base = ["--pretrained_model_name_or_path", "org/model", "--dataset_name", "x/y"]
+    base = ["--pretrained_model_name_or_path", "architecture:tiny-sd", "--dataset_name", "x/y"]
     with pytest.raises(SystemExit) as exit_info:
         train_text_to_image.parse_args(base + extra)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -120,17 +120,17 @@ def test_each_optimizer_trains_the_tiny_unet_and_its_state_is_counted_as_stored(
 
 
 def test_use_8bit_adam_is_the_alias_of_adamw8bit():
-    base = ["--model_name_or_path", "org/model", "--dataset_name", "x/y"]
+    base = ["--model_name_or_path", "architecture:tiny-llama", "--dataset_name", "x/y"]
     assert train_causal_lm.parse_args(base).optimizer == "adamw"
     assert train_causal_lm.parse_args(base + ["--use_8bit_adam"]).optimizer == "adamw8bit"
     assert train_causal_lm.parse_args(base + ["--use_8bit_adam", "--optimizer", "adamw8bit"]).optimizer == "adamw8bit"
-    t2i = ["--pretrained_model_name_or_path", "org/model", "--dataset_name", "x/y"]
+    t2i = ["--pretrained_model_name_or_path", "architecture:tiny-sd", "--dataset_name", "x/y"]
     assert train_text_to_image.parse_args(t2i + ["--use_8bit_adam"]).optimizer == "adamw8bit"
 
 
 @pytest.mark.parametrize("flags", [["--optimizer", "lion8bit"], ["--optimizer", "adamw"]])
 def test_use_8bit_adam_with_another_optimizer_is_refused(flags, capsys):
-    base = ["--model_name_or_path", "org/model", "--dataset_name", "x/y", "--use_8bit_adam"]
+    base = ["--model_name_or_path", "architecture:tiny-llama", "--dataset_name", "x/y", "--use_8bit_adam"]
     with pytest.raises(SystemExit) as exit_info:
         train_causal_lm.parse_args(base + flags)
     assert exit_info.value.code == 2
@@ -140,7 +140,7 @@ def test_use_8bit_adam_with_another_optimizer_is_refused(flags, capsys):
 def test_an_unknown_optimizer_fails_in_the_parser(capsys):
     with pytest.raises(SystemExit):
         train_causal_lm.parse_args(
-            ["--model_name_or_path", "org/model", "--dataset_name", "x/y", "--optimizer", "sgd"]
+            ["--model_name_or_path", "architecture:tiny-llama", "--dataset_name", "x/y", "--optimizer", "sgd"]
         )
     assert "--optimizer" in capsys.readouterr().err
 

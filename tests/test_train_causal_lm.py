@@ -144,7 +144,7 @@ def check_peft_export(output_dir, expected_model, model_path, text_path, peft_ba
 
 def test_parser_accepts_every_upstream_flag_with_upstream_default():
     spec = arg_groups.parse_spec(SPEC)
-    args = train_causal_lm.parse_args(["--model_name_or_path", "org/model", "--dataset_name", "x/y"])
+    args = train_causal_lm.parse_args(["--model_name_or_path", "architecture:tiny-llama", "--dataset_name", "x/y"])
     for flag, attributes in spec.items():
         destination = flag.lstrip("-")
         assert hasattr(args, destination), flag

@@ -81,7 +81,9 @@ def fresh_pipeline(sd_path):
 
 def test_parser_accepts_every_upstream_flag_with_upstream_default():
     spec = arg_groups.parse_spec(SPEC)
-    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "org/model", "--dataset_name", "x/y"])
+    args = train_text_to_image.parse_args(
+        ["--pretrained_model_name_or_path", "architecture:tiny-sd", "--dataset_name", "x/y"]
+    )
     for flag, attributes in spec.items():
         destination = flag.lstrip("-")
         assert hasattr(args, destination), flag
