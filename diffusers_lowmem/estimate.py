@@ -308,21 +308,21 @@ def estimate_command(
     report = {**replay(args), **allocator.report_entry()}
     if args.estimate_memory:
         report.update(verdict(report["peak_bytes"], args.estimate_memory))
-        if not report["fits"]:
-            # The command's own verdict first (printed and written), then the variants, each as long as this one.
-            print(report_table(report))
-            if output_dir is not None:
-                write_report(report, output_dir)
-            logger.info(f"It does not fit: re-estimating {len(variants) + (len(variants) > 1)} variants.")
-            if len(variants) > 1:
-                everything = {key: value for _, changes in variants for key, value in changes.items()}
-                variants = [*variants, (" ".join(flags for flags, _ in variants), everything)]
-            report["suggestions"] = suggest_variants(
-                args, variants, lambda variant: replay(variant)["peak_bytes"], args.estimate_memory
-            )
+    # The command's own estimate and verdict first: each variant below takes as long again.
     print(report_table(report))
     if output_dir is not None:
         logger.info(f"Wrote {write_report(report, output_dir)}")
+    if args.estimate_memory and not report["fits"]:
+        if len(variants) > 1:
+            everything = {key: value for _, changes in variants for key, value in changes.items()}
+            variants = [*variants, (" ".join(flags for flags, _ in variants), everything)]
+        logger.info(f"It does not fit: re-estimating {len(variants)} variants.")
+        report["suggestions"] = suggest_variants(
+            args, variants, lambda variant: replay(variant)["peak_bytes"], args.estimate_memory
+        )
+        print(suggestions_table(report))
+        if output_dir is not None:
+            write_report(report, output_dir)
     return report
 
 
@@ -331,7 +331,8 @@ def _gib(num_bytes: int) -> str:
 
 
 def report_table(report: dict) -> str:
-    """The estimate as the plain-text table the trainers print."""
+    """The estimate as the plain-text table the trainers print, with the budget's verdict (the variants tried are
+    `suggestions_table`'s)."""
     lines = [f"Estimated peak memory (torch.cuda.max_memory_allocated): {_gib(report['peak_bytes'])}"]
     lines.append(f"  peak reached during: {report['phase_of_peak']}")
     for field in BREAKDOWN_FIELDS:
@@ -354,16 +355,23 @@ def report_table(report: dict) -> str:
                 f"  The budget is below the CUDA context and cuBLAS workspace alone ({overhead / MIB:.0f} MiB): no"
                 " flags can fit it."
             )
-        suggestions = report.get("suggestions", [])
-        for suggestion in suggestions:
-            mark = "fits" if suggestion["fits"] else "does not fit"
-            needs = suggestion["peak_bytes"] + overhead
-            lines.append(
-                f"  with {suggestion['flags']}: needs {_gib(needs)} (peak {_gib(suggestion['peak_bytes'])}): {mark}"
-            )
-        if suggestions and not any(suggestion["fits"] for suggestion in suggestions):
-            smallest = min(suggestion["peak_bytes"] for suggestion in suggestions) + overhead
-            lines.append(f"  Nothing tried fits: the smallest needs {_gib(smallest)}.")
+    return "\n".join(lines)
+
+
+def suggestions_table(report: dict) -> str:
+    """The variants `estimate_command` tried, as printed lines: each one's need and verdict, fitting ones first."""
+    overhead = sum(report["device_overhead_bytes"].values())
+    suggestions = report.get("suggestions", [])
+    lines = []
+    for suggestion in suggestions:
+        mark = "fits" if suggestion["fits"] else "does not fit"
+        needs = suggestion["peak_bytes"] + overhead
+        lines.append(
+            f"  with {suggestion['flags']}: needs {_gib(needs)} (peak {_gib(suggestion['peak_bytes'])}): {mark}"
+        )
+    if suggestions and not any(suggestion["fits"] for suggestion in suggestions):
+        smallest = min(suggestion["peak_bytes"] for suggestion in suggestions) + overhead
+        lines.append(f"  Nothing tried fits: the smallest needs {_gib(smallest)}.")
     return "\n".join(lines)
 
 
