@@ -843,9 +843,9 @@ def add_memory_args(parser: argparse.ArgumentParser, text_to_image: bool = False
         default=None,
         metavar="GIB",
         help="Do not train: predict this command's peak device memory (torch.cuda.max_memory_allocated) by running"
-        " its setup and two optimizer steps on fake tensors (shapes, no data), in 10 s to a few minutes at real scale on a"
-        " 2-core CPU (once more per variant it tries), without a GPU, weights or data (model configs only; batch shapes"
-        " come from the flags; data flags are not checked). Prints a table and writes"
+        " its setup and two optimizer steps on fake tensors (shapes, no data), in 10 s to a few minutes at real"
+        " scale on a 2-core CPU (once more per variant it tries), without a GPU, weights or data (model configs"
+        " only; batch shapes come from the flags; data flags are not checked). Prints a table and writes"
         " OUTPUT_DIR/memory_estimate.json (peak, breakdown, what holds the peak). With GIB (e.g. 12), also whether"
         " the run fits a device of that many GiB (CUDA context and cuBLAS workspace added) and, if not, which flags"
         " would make it fit.",
@@ -958,7 +958,11 @@ def validate_text_to_image_args(args: argparse.Namespace, parser: argparse.Argum
             "--enable_npu_flash_attention needs torch_npu extensions and is supported only on npu devices: drop it."
         )
     _check_model_reference(
-        parser, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, TASK_TEXT_TO_IMAGE
+        parser,
+        "--pretrained_model_name_or_path",
+        args.pretrained_model_name_or_path,
+        TASK_TEXT_TO_IMAGE,
+        revision=args.revision,
     )
     if args.pretrained_vae_model_name_or_path is not None:
         _check_model_reference(
@@ -1178,8 +1182,11 @@ def _check_data_files(parser: argparse.ArgumentParser, train_file: str | None, v
         )
 
 
-def _check_model_reference(parser: argparse.ArgumentParser, flag: str, reference: str, task: str) -> None:
-    """`reference` is `architecture:NAME` for an architecture of `task`, an existing local path, or a Hub id."""
+def _check_model_reference(
+    parser: argparse.ArgumentParser, flag: str, reference: str, task: str, revision: str | None = None
+) -> None:
+    """`reference` is `architecture:NAME` for an architecture of `task`, an existing local path, or a Hub id (offline:
+    one in the local cache, at `revision`)."""
     if reference.startswith(ARCHITECTURE_PREFIX):
         name = reference[len(ARCHITECTURE_PREFIX) :]
         names_for_task = [spec.name for spec in ARCHITECTURES.values() if spec.task == task]
@@ -1197,10 +1204,12 @@ def _check_model_reference(parser: argparse.ArgumentParser, flag: str, reference
             f"{flag} {reference!r} is neither an existing local path nor a Hub id of the form org/name: check the"
             f" path, or use {ARCHITECTURE_PREFIX}NAME for an architecture with random weights."
         )
-    _check_cached_when_offline(parser, flag, reference)
+    _check_cached_when_offline(parser, flag, reference, revision)
 
 
-def _check_cached_when_offline(parser: argparse.ArgumentParser, flag: str, hub_id: str) -> None:
+def _check_cached_when_offline(
+    parser: argparse.ArgumentParser, flag: str, hub_id: str, revision: str | None = None
+) -> None:
     """With HF_HUB_OFFLINE set, a Hub id must be in the local cache: otherwise loading it fails after the data set
     is built, with a connection error that does not say the path was the problem."""
     from huggingface_hub import constants, snapshot_download
@@ -1209,7 +1218,7 @@ def _check_cached_when_offline(parser: argparse.ArgumentParser, flag: str, hub_i
     if not constants.HF_HUB_OFFLINE:
         return
     try:
-        snapshot_download(hub_id, local_files_only=True)
+        snapshot_download(hub_id, revision=revision, local_files_only=True)
     except LocalEntryNotFoundError:
         parser.error(
             f"{flag} {hub_id!r} is not a local path (from {os.getcwd()}), and as a Hub id it is not in the local"

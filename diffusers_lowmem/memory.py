@@ -918,7 +918,7 @@ class MemoryTracker:
         return self.device.type if self._measures_device else None
 
     def _resident(self, tensor: torch.Tensor) -> bool:
-        """Whether the tracked device holds `tensor`: the breakdown leaves out models moved off it (cached encoders)."""
+        """Whether the tracked device holds `tensor`: the breakdown leaves out models moved off it."""
         if self.counter is not None:
             return not self.counter.forgot(tensor)
         return self.device.type == "cpu" or tensor.device.type == self.device.type

@@ -297,6 +297,8 @@ def test_offline_a_hub_id_must_be_cached_and_a_mistyped_path_says_so(
     parse = parse_text_to_image if trainer == "text-to-image" else parse_causal_lm
     assert_usage_error(parse, argv("tiny/lama"), capsys, "'tiny/lama' is not a local path", "HF_HUB_OFFLINE is set")
     parse(argv("org/cached"))  # in the cache: accepted offline
+    if trainer == "text-to-image":  # --revision: that revision must be cached
+        assert_usage_error(parse, [*argv("org/cached"), "--revision", "v2"], capsys, "'org/cached'", "HF_HUB_OFFLINE")
 
 
 def _t2i(image_dir, *extra):
