@@ -137,6 +137,26 @@ def test_causal_lm_memory_flags_are_estimated(flags, tiny_llama_path, tiny_text_
     assert_estimate_matches(report, predicted)
 
 
+def test_encoders_moved_off_the_device_leave_the_breakdown(tiny_sd_path, tiny_images_path, tmp_path):
+    # With both caches the VAE and the text encoder leave before training: frozen_weights loses exactly their bytes,
+    # in the run's report and in the estimate (a GPU's breakdown counts only what the device holds).
+    def argv(*cache_flags):
+        flags = ["--adapter", "lora", *cache_flags, *STEPS]
+        return lambda out: text_to_image_argv(tiny_sd_path, tiny_images_path, out, *flags)
+
+    report, predicted = real_and_estimate(
+        train_text_to_image, argv("--cache_latents", "--cache_text_encoder_outputs"), tmp_path / "cached"
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    uncached = train_text_to_image.main(train_text_to_image.parse_args([*argv()(tmp_path / "u"), "--estimate_memory"]))
+    args = train_text_to_image.parse_args(argv()(tmp_path))
+    text_encoders, vae, _, _ = train_text_to_image.load_models(args, torch.float32)
+    encoders = memory.memory_breakdown([vae, *text_encoders.values()])
+    encoder_bytes = encoders.frozen_weights + encoders.trainable_params  # loaded unfrozen: both count
+    expected = uncached["breakdown"]["frozen_weights"] - encoder_bytes
+    assert report["breakdown"]["frozen_weights"] == predicted["breakdown"]["frozen_weights"] == expected
+
+
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_a_model_with_tied_embeddings_is_estimated_with_one_embedding(quant, tiny_gpt2_path, tiny_text_path, tmp_path):
     # GPT-2 ties its output layer to the input embedding, as SmolLM2 does; built from its config alone the estimate
