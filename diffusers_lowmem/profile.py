@@ -545,8 +545,14 @@ def _gib(value: int | None, unit: int = GIB) -> str:
 
 
 def table_unit(results: list[CellResult]) -> tuple[int, str]:
-    """GiB for real-scale tables, MiB when every value is below 1 GiB (the tiny models)."""
-    values = [getattr(r, name) or 0 for r in results for name in ("peak_allocated", "peak_rss", "frozen_weights")]
+    """GiB for real-scale tables, MiB when every tensor measure is below 1 GiB (the tiny models).
+
+    Only the cells' own tensor bytes choose the unit. The process's peak RSS is left out: it is a lifetime high-water
+    mark that carries whatever the process did before the matrix (another model loaded earlier in the same process
+    would otherwise turn a tiny model's table into GiB columns of zeros).
+    """
+    tensor_measures = ("peak_allocated", "peak_reserved", "frozen_weights")
+    values = [getattr(r, name) or 0 for r in results for name in tensor_measures]
     return (GIB, "GiB") if max(values, default=0) >= GIB else (MIB, "MiB")
 
 

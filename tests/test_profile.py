@@ -60,6 +60,20 @@ def test_matrix_writes_csv_markdown_png_and_tensorboard(text_to_image_matrix):
     assert list((output_dir / "logs").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.parametrize("peak_rss", [200 * profile.MIB, 3 * profile.GIB, 40 * profile.GIB])
+def test_the_table_unit_follows_the_cells_tensor_bytes_not_the_process_rss(peak_rss):
+    """The process's lifetime peak RSS (whatever ran before in the process) must not choose the table's unit."""
+    tiny = profile.CellResult(adapter="lora", quant="nf4", status="ok", peak_allocated=9 * profile.MIB,
+                              frozen_weights=2 * profile.MIB, peak_rss=peak_rss)  # fmt: skip
+    assert profile.table_unit([tiny]) == (profile.MIB, "MiB")
+    real_scale = profile.CellResult(adapter="lora", quant="nf4", status="ok", peak_allocated=5 * profile.GIB,
+                                    frozen_weights=3 * profile.GIB, peak_rss=peak_rss)  # fmt: skip
+    assert profile.table_unit([tiny, real_scale]) == (profile.GIB, "GiB")
+    cuda_reserved = profile.CellResult(adapter="lora", quant="none", status="ok", peak_allocated=900 * profile.MIB,
+                                       peak_reserved=int(1.2 * profile.GIB), peak_rss=peak_rss)  # fmt: skip
+    assert profile.table_unit([cuda_reserved]) == (profile.GIB, "GiB")
+
+
 def test_cells_report_breakdown_steps_and_quantization_savings(text_to_image_matrix):
     _, results = text_to_image_matrix
     by_cell = {(r.adapter, r.quant): r for r in results}
